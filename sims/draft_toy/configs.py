@@ -1,0 +1,159 @@
+"""Frozen configs of the DRaFT toy. Experiments are functions of these; ``quick()`` variants are the
+reduced settings of ``diffsteer figures --quick``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from theory.nets import DSMConfig
+
+__all__ = ["PretrainConfig", "RewardConfig", "Method", "METHODS", "TrainConfig", "CompareConfig",
+           "GradKConfig", "LoraConfig", "DiversityConfig"]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Data law (ring of ``n_modes`` Gaussians), schedule, network and its score-matching run."""
+
+    n_modes: int = 8
+    radius: float = 2.0
+    mode_std: float = 0.2
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    n_steps: int = 50  # DDIM steps of every sampler call
+    t_min: float = 1e-3  # > 0: the last DDIM(eta=1) step keeps a positive std, so the path KL is finite
+    hidden: int = 64
+    depth: int = 3
+    dsm: DSMConfig = DSMConfig(steps=3000, batch_size=512, lr=2e-3, t_min=1e-3, seed=0)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward A: -|x - c_A|^2 / 2 (optimum c_A); reward B: same around c_B; threshold of A:
+    1{|x - c_A| < rho} (no gradient, for DDPO)."""
+
+    center_a: tuple[float, float] = (2.5, 0.0)
+    center_b: tuple[float, float] = (0.0, 2.5)
+    rho: float = 1.0
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method. kind: 'draft' (whole chain), 'draftk' (last ``k`` steps), 'draftlv'
+    (``n`` re-noisings), 'refl' (stop at a step in ``refl_steps`` from the end), 'ddpo' (PPO).
+    ``reward``: 'a' (smooth), 'a_threshold' (0/1, no gradient) or 'b'."""
+
+    label: str
+    kind: str
+    k: int = 1
+    n: int = 2
+    refl_steps: tuple[int, int] = (1, 10)
+    reward: str = "a"
+    lr: float = 1e-3
+    lam: float = 0.0
+    eps_penalty: float = 0.0
+    ddpo_clip: float = 0.2
+    ddpo_inner: int = 4
+
+    def __post_init__(self):
+        if self.kind not in ("draft", "draftk", "draftlv", "refl", "ddpo"):
+            raise ValueError(f"kind: unknown method kind {self.kind!r}; use draft, draftk, draftlv, refl or ddpo")
+        if self.reward not in ("a", "a_threshold", "b"):
+            raise ValueError(f"reward: unknown reward {self.reward!r}; use 'a', 'a_threshold' or 'b'")
+        if self.kind != "ddpo" and self.reward == "a_threshold":
+            raise ValueError("reward: 'a_threshold' has no gradient; only kind='ddpo' can train on it")
+
+
+#: the compared methods of issue 6 (all at the same learning rate; DDPO on the threshold of reward A).
+METHODS: tuple[Method, ...] = (
+    Method("DRaFT", "draft"),
+    Method("DRaFT-1", "draftk", k=1),
+    Method("DRaFT-5", "draftk", k=5),
+    Method("DRaFT-10", "draftk", k=10),
+    Method("DRaFT-50", "draftk", k=50),
+    Method("DRaFT-LV", "draftlv", n=2),
+    Method("ReFL", "refl", refl_steps=(1, 10)),
+    Method("DDPO", "ddpo", reward="a_threshold"),
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by all methods of a comparison."""
+
+    batch_size: int = 32
+    budget: int = 6400  # reward queries per run
+    eval_every: int = 640  # reward queries between evaluations
+    n_eval: int = 1024  # samples per evaluation (fixed x_T and noise)
+    eta: float = 1.0  # DDIM eta of training and evaluation (1 = ancestral; the path KL needs > 0)
+    lora_rank: int = 4
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Methods x seeds on the same budget of reward queries."""
+
+    methods: tuple[Method, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    rewards: RewardConfig = RewardConfig()
+
+    @classmethod
+    def quick(cls) -> "CompareConfig":
+        return cls(seeds=(0, 1), train=replace(TrainConfig(), budget=2560, eval_every=512, n_eval=512))
+
+
+@dataclass(frozen=True)
+class GradKConfig:
+    """Gradient norm and angle to DRaFT-1 against K, at the pre-trained model with a random LoRA
+    (B initialised ~ N(0, lora_init^2) so that every LoRA parameter has a gradient)."""
+
+    ks: tuple[int, ...] = (1, 2, 3, 5, 10, 20, 30, 40, 50)
+    batch_size: int = 256
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    lora_init: float = 0.05
+    lora_rank: int = 4
+    eta: float = 1.0
+    pretrain: PretrainConfig = PretrainConfig()
+    rewards: RewardConfig = RewardConfig()
+
+    @classmethod
+    def quick(cls) -> "GradKConfig":
+        return cls(ks=(1, 2, 5, 10, 20, 50), batch_size=128, seeds=(0, 1))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA scale sweep, sum of two adapters (trained on rewards A and B), LoRA on first/last steps."""
+
+    method: Method = Method("DRaFT-LV", "draftlv", n=2)
+    seed: int = 0
+    scales: tuple[float, ...] = tuple(i / 10 for i in range(11))
+    switch_steps: tuple[int, ...] = (0, 5, 10, 20, 30, 40, 45, 50)
+    train: TrainConfig = TrainConfig(budget=6400, eval_every=6400)
+    pretrain: PretrainConfig = PretrainConfig()
+    rewards: RewardConfig = RewardConfig()
+
+    @classmethod
+    def quick(cls) -> "LoraConfig":
+        return cls(scales=(0.0, 0.25, 0.5, 0.75, 1.0), switch_steps=(0, 10, 25, 40, 50),
+                   train=TrainConfig(budget=2560, eval_every=2560, n_eval=512))
+
+
+@dataclass(frozen=True)
+class DiversityConfig:
+    """A long run on reward A with lam = 0, with the KL term (lam > 0) and with DRaFT+'s eps penalty."""
+
+    base: Method = Method("DRaFT-1", "draftk", k=1)
+    lams: tuple[float, ...] = (0.0, 0.1, 1.0)
+    eps_penalties: tuple[float, ...] = (1.0,)
+    seed: int = 0
+    train: TrainConfig = TrainConfig(budget=12800, eval_every=1280)
+    pretrain: PretrainConfig = PretrainConfig()
+    rewards: RewardConfig = RewardConfig()
+
+    @classmethod
+    def quick(cls) -> "DiversityConfig":
+        return cls(lams=(0.0, 1.0), train=TrainConfig(budget=3840, eval_every=960, n_eval=512))

@@ -1,0 +1,140 @@
+"""Figures of the DRaFT toy (issue 6), registered with ``sims.registry``:
+
+- ``draft_toy_compare``: reward A against reward queries and against training wall time, every method
+  (mean over seeds, band = min..max over seeds), and the threshold success against queries.
+- ``draft_toy_grad_k``: gradient norm and angle to the DRaFT-1 gradient against K.
+- ``draft_toy_lora``: LoRA scale sweep (reward A, path KL), summed adapters, LoRA on first/last steps.
+- ``draft_toy_diversity``: spread, modes, KL and reward over training for lam = 0, lam > 0, eps penalty.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sims.registry import figure
+
+from .configs import CompareConfig, DiversityConfig, GradKConfig, LoraConfig
+from .experiments import compare, diversity, grad_vs_k, lora_analysis, summarise_compare
+
+_COLORS = {"DRaFT": "C0", "DRaFT-1": "C1", "DRaFT-5": "C2", "DRaFT-10": "C3", "DRaFT-50": "C4",
+           "DRaFT-LV": "C5", "ReFL": "C6", "DDPO": "C7"}
+
+
+def _band(ax, x, M, label, color):
+    M = np.asarray(M, dtype=float)
+    ax.plot(x, M.mean(0), label=label, color=color, lw=1.5)
+    if M.shape[0] > 1:
+        ax.fill_between(x, M.min(0), M.max(0), color=color, alpha=0.15, lw=0)
+
+
+def _mat(runs, key):
+    return np.array([[c[key] for c in r["curve"]] for r in runs], dtype=float)
+
+
+@figure("draft_toy_compare", "DRaFT toy: reward vs reward queries and wall time for DRaFT, DRaFT-K, DRaFT-LV, ReFL, DDPO")
+def fig_compare(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    data = compare(cfg)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, runs in data["runs"].items():
+        c = _COLORS.get(label, None)
+        q = np.array([p["queries"] for p in runs[0]["curve"]], dtype=float)
+        _band(axes[0], q, _mat(runs, "reward_a"), label, c)
+        W = _mat(runs, "wall_time")
+        axes[1].plot(W.mean(0), _mat(runs, "reward_a").mean(0), label=label, color=c)
+        _band(axes[2], q, _mat(runs, "reward_a_threshold"), label, c)
+    axes[0].set(xlabel="reward queries", ylabel="reward A (eval, 50 DDIM steps)", title="per reward query")
+    axes[1].set(xlabel="training wall time (s, 1 thread)", ylabel="reward A", title="per second")
+    axes[2].set(xlabel="reward queries", ylabel="P(|x - c_A| < rho)", title="threshold reward (DDPO's)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    numbers = {"summary_reward_a": summarise_compare(data, "reward_a"),
+               "summary_threshold": summarise_compare(data, "reward_a_threshold"),
+               "curves": {k: [r["curve"] for r in v] for k, v in data["runs"].items()},
+               "config": data["config"]}
+    return fig, numbers
+
+
+@figure("draft_toy_grad_k", "DRaFT toy: norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient against K")
+def fig_grad_k(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = GradKConfig.quick() if quick else GradKConfig()
+    d = grad_vs_k(cfg)
+    ks = np.array(d["ks"])
+    N, A = np.array(d["grad_norm"]), np.array(d["angle_deg"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].errorbar(ks, N.mean(1), yerr=N.std(1), marker="o", capsize=3)
+    axes[0].set(xscale="log", yscale="log", xlabel="K (steps back-propagated)", ylabel="|grad| (LoRA params)",
+                title="gradient norm against K")
+    axes[1].errorbar(ks, A.mean(1), yerr=A.std(1), marker="o", capsize=3)
+    axes[1].set(xscale="log", xlabel="K", ylabel="angle to DRaFT-1 gradient (deg)", title="angle against K")
+    fig.tight_layout()
+    return fig, {**d, "grad_norm_mean": N.mean(1), "angle_mean": A.mean(1)}
+
+
+@figure("draft_toy_lora", "DRaFT toy: LoRA scale sweep, sum of two adapters, LoRA on first/last steps")
+def fig_lora(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = LoraConfig.quick() if quick else LoraConfig()
+    d = lora_analysis(cfg)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    s = [r["scale"] for r in d["scale"]]
+    ax = axes[0]
+    ax.plot(s, [r["reward_a"] for r in d["scale"]], "o-", color="C0")
+    ax.set(xlabel="LoRA scale", ylabel="reward A", title="scaling the adapter")
+    ax2 = ax.twinx()
+    ax2.plot(s, [r["kl"] for r in d["scale"]], "s--", color="C3")
+    ax2.set_ylabel("path KL to pre-trained", color="C3")
+    ax = axes[1]
+    names = list(d["combine"])
+    x = np.arange(len(names))
+    for j, key in enumerate(["reward_a", "reward_b"]):
+        ax.bar(x + 0.4 * j - 0.2, [d["combine"][n][key] for n in names], 0.4, label=key)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(ylabel="reward", title="summing adapters (A on r_A, B on r_B)")
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for n, c in zip(names, ["0.6", "C0", "C1", "C2", "C4"]):
+        S = np.array(d["combine"][n]["samples"])
+        ax.scatter(S[:, 0], S[:, 1], s=3, color=c, label=n, alpha=0.6)
+    ca, cb = cfg.rewards.center_a, cfg.rewards.center_b
+    ax.plot(*ca, "k*", ms=12)
+    ax.plot(*cb, "k*", ms=12)
+    ax.set(aspect="equal", title="samples (stars: optima of r_A, r_B)")
+    ax.legend(fontsize=7, markerscale=3)
+    ax = axes[3]
+    for key, style in (("first", "o-"), ("last", "s-")):
+        rows = d["window"][key]
+        ax.plot([r["m"] for r in rows], [r["reward_a"] for r in rows], style, label=f"LoRA on the {key} m steps")
+    ax.set(xlabel="m (of 50 steps)", ylabel="reward A", title="where the adapter acts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig, d
+
+
+@figure("draft_toy_diversity", "DRaFT toy: diversity collapse over training and the effect of the KL term and DRaFT+'s eps penalty")
+def fig_diversity(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = DiversityConfig.quick() if quick else DiversityConfig()
+    d = diversity(cfg)
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4))
+    for i, (label, run) in enumerate(d["runs"].items()):
+        q = [c["queries"] for c in run["curve"]]
+        for ax, key in zip(axes[:4], ["reward_a", "spread", "modes_covered", "kl"]):
+            ax.plot(q, [c[key] for c in run["curve"]], "o-", ms=3, label=label, color=f"C{i}")
+        S = np.array(run["final_samples"])
+        axes[4].scatter(S[:, 0], S[:, 1], s=3, alpha=0.5, color=f"C{i}", label=label)
+    for ax, t in zip(axes, ["reward A", "spread sqrt(tr Cov)", "modes with >= 2% of samples",
+                            "path KL to pre-trained", "final samples"]):
+        ax.set(title=t)
+    for ax in axes[:4]:
+        ax.set_xlabel("reward queries")
+    axes[3].set_yscale("symlog")
+    axes[4].set_aspect("equal")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig, d
