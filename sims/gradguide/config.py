@@ -109,4 +109,4 @@ def quick_run(cfg: RunConfig) -> RunConfig:
 
 
 def quick_sphere(cfg: SphereConfig = SphereConfig()) -> SphereConfig:
-    return replace(cfg, n=128, rounds=10, deltas=(0.02, 0.27, 0.52), n_steps=20)
+    return replace(cfg, n=128, rounds=10, deltas=(0.02, 0.27, 0.52), n_steps=50)

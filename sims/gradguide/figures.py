@@ -1,0 +1,229 @@
+"""The six figures of issue 4, registered with ``sims.registry.figure`` (``diffsteer figures --only``).
+
+Full settings (the paper's, GRADIENT_GUIDANCE.md) are the default; ``quick`` shrinks rounds (1/10),
+seeds (2) and sampler steps (20). Each figure reads the numbers of ``sims.gradguide.experiments``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sims.registry import figure
+
+from .config import Setup, SphereConfig, alg_runs, convergence_runs, quick_sphere
+from .data import basis, objective
+from .experiments import converge_round, pass_times, run, run_sphere
+
+COLORS = {"G": "tab:red", "G_loss": "tab:blue"}
+LABELS = {"alg1_G": "Alg. 1, G", "alg1_G_loss": "Alg. 1, G_loss", "alg2_G": "Alg. 2, G",
+          "alg2_G_loss": "Alg. 2, G_loss"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _band(ax, res, key, label, color, ls="-"):
+    """Mean over seeds of the per-seed batch means, with the min-max spread over seeds shaded."""
+    arr = np.array([res["seeds"][s][key] for s in res["config"].seeds])
+    k = np.arange(arr.shape[1])
+    ax.plot(k, arr.mean(0), color=color, ls=ls, label=label)
+    ax.fill_between(k, arr.min(0), arr.max(0), color=color, alpha=0.2)
+    return arr
+
+
+def _curve_summary(res, key):
+    arr = np.array([res["seeds"][s][key] for s in res["config"].seeds])
+    return {"mean": arr.mean(0).tolist(), "min": arr.min(0).tolist(), "max": arr.max(0).tolist(),
+            "final_per_seed": arr[:, -1].tolist()}
+
+
+@figure("gg_roff", "Gradient guidance: off-support ratio r_off per round, G vs G_loss, Algorithms 1 and 2 "
+        "(f1 theta_2, trained score), with the pre-trained model's r_off")
+def fig_roff(quick: bool = False):
+    plt = _plt()
+    runs = {k: run(c) for k, c in alg_runs(quick).items()}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    data = {}
+    pre = float(np.mean([runs["alg1_G_loss"]["seeds"][s]["roff_mean"][0] for s in runs["alg1_G_loss"]["config"].seeds]))
+    for ax, alg in zip(axes, ("alg1", "alg2")):
+        for kind in ("G", "G_loss"):
+            name = f"{alg}_{kind}"
+            _band(ax, runs[name], "roff_mean", LABELS[name], COLORS[kind])
+            data[name] = {"roff_mean": _curve_summary(runs[name], "roff_mean"),
+                          "roff_top4": _curve_summary(runs[name], "roff_top4")["final_per_seed"],
+                          "delta": runs[name]["config"].delta, "rounds": runs[name]["config"].rounds}
+        ax.axhline(pre, color="k", ls=":", label="pre-trained model")
+        ax.set_yscale("log")
+        ax.set_xlabel("round k")
+        ax.set_title(f"Algorithm {alg[-1]}" + (" (score fine-tuned from round "
+                     f"{runs[alg + '_G']['config'].start}/{runs[alg + '_G_loss']['config'].start})" if alg == "alg2" else ""))
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("r_off = |x_perp| / |x_par| (batch mean)")
+    fig.suptitle("f1 with theta_2 (off/in-span ratio 9); mean over seeds, shaded: min-max" + (" [quick]" if quick else ""))
+    data["pretrained_roff"] = pre
+    return fig, data
+
+
+@figure("gg_objective", "Gradient guidance: objective per round, Algorithm 1 vs Algorithm 2 (f1 theta_2, trained "
+        "score), with the global maximum and the best value on the subspace")
+def fig_objective(quick: bool = False):
+    plt = _plt()
+    runs = {k: run(c) for k, c in alg_runs(quick).items()}
+    setup = Setup()
+    f = objective("f1_theta2", setup)
+    A = basis(setup)
+    r99 = math.sqrt(32.0)  # ~ 99% quantile of |z|, z ~ N(0, I_16) (chi^2_16 0.99 quantile = 32.0)
+    span_data = f.best_on_span(A, r99)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    data = {}
+    for name, res in runs.items():
+        kind = res["config"].guidance
+        _band(ax, res, "f_mean", LABELS[name], COLORS[kind], ls="-" if name.startswith("alg2") else "--")
+        data[name] = {"f_mean": _curve_summary(res, "f_mean"), "f_top4": _curve_summary(res, "f_top4")["final_per_seed"]}
+    ax.axhline(f.max_value, color="k", ls="-", lw=0.8, label="global max = 10 (also sup on span(A), at |x_par| ~ 27)")
+    ax.axhline(span_data, color="gray", ls=":", label=f"max on span(A) within |z| <= {r99:.2f}: {span_data:.2f}")
+    ax.set_xlabel("round k")
+    ax.set_ylabel("f1(x) (batch mean)")
+    ax.legend(fontsize=7)
+    ax.set_title("Algorithm 1 (dashed) vs Algorithm 2 (solid)" + (" [quick]" if quick else ""))
+    data["global_max"] = f.max_value
+    data["best_on_span_data_radius"] = span_data
+    data["theta_par_norm"] = float((A.T @ f.theta).norm())
+    return fig, data
+
+
+@figure("gg_convergence", "Gradient guidance: Algorithm 1 with G_loss on f1 (theta_1, theta_2) and f2 (b_1, b_2; "
+        "exact and trained score)")
+def fig_convergence(quick: bool = False):
+    plt = _plt()
+    runs = {k: run(c) for k, c in convergence_runs(quick).items()}
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4))
+    data = {}
+    panels = [("f1_theta1", ["f1_theta1"]), ("f1_theta2", ["f1_theta2"]), ("f2_b1", ["f2_b1_exact", "f2_b1_trained"]),
+              ("f2_b2", ["f2_b2_exact", "f2_b2_trained"])]
+    for ax, (title, names) in zip(axes, panels):
+        for name, color in zip(names, ("tab:blue", "tab:orange")):
+            res = runs[name]
+            _band(ax, res, "f_mean", f"{res['config'].model} score, mean", color)
+            _band(ax, res, "f_max", f"{res['config'].model} score, max", color, ls=":")
+            data[name] = {"f_mean": _curve_summary(res, "f_mean"), "f_max": _curve_summary(res, "f_max"),
+                          "roff_mean": _curve_summary(res, "roff_mean"), "bounds": res["bounds"],
+                          "delta": res["config"].delta}
+            if res["config"].model == "exact":
+                arr = np.array([res["seeds"][s]["f_max"] for s in res["config"].seeds])
+                data[name]["max_excess_over_best_on_span"] = float(arr.max() - res["bounds"]["best_on_span"])
+                data[name]["max_roff_any_round"] = float(np.max([res["seeds"][s]["roff_max"] for s in res["config"].seeds]))
+        b = runs[names[0]]["bounds"]
+        ax.axhline(b["global_max"], color="k", lw=0.8, label="global max")
+        if title.startswith("f2"):
+            ax.axhline(b["best_on_span"], color="gray", ls="--", label="best on span(A)")
+        ax.set_title(f"{title} (delta {runs[names[0]]['config'].delta})")
+        ax.set_xlabel("round k")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("objective")
+    fig.suptitle("Algorithm 1, G_loss" + (" [quick]" if quick else ""))
+    return fig, data
+
+
+@figure("gg_sphere", "Gradient guidance on unit-sphere data: reward vs ||x| - 1|, G vs G_loss over the delta sweep")
+def fig_sphere(quick: bool = False):
+    plt = _plt()
+    cfg = quick_sphere() if quick else SphereConfig()
+    res = run_sphere(cfg)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    data = {"deltas": list(cfg.deltas), "pretrained": res["pretrained"], "final": {}}
+    for kind, marker in (("G", "o"), ("G_loss", "s")):
+        rew = [res["runs"][f"{kind}@{d}"]["reward"][-1] for d in cfg.deltas]
+        dev = [res["runs"][f"{kind}@{d}"]["dev_abs"][-1] for d in cfg.deltas]
+        axes[0].plot(dev, rew, marker=marker, color=COLORS[kind], label=kind)
+        for d, x, y in zip(cfg.deltas, dev, rew):
+            axes[0].annotate(f"{d:g}", (x, y), fontsize=7)
+        data["final"][kind] = {"reward": rew, "dev_abs": dev}
+        mid = cfg.deltas[len(cfg.deltas) // 2]
+        axes[1].plot(res["runs"][f"{kind}@{mid}"]["reward"], color=COLORS[kind], label=f"{kind}, delta {mid}")
+    axes[0].plot([res["pretrained"]["dev_abs"]], [res["pretrained"]["reward"]], "k*", ms=10, label="pre-trained")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("mean ||x| - 1| (off-support)")
+    axes[0].set_ylabel("final reward theta.x (batch mean)")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xlabel("round k")
+    axes[1].set_ylabel("reward")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"unit sphere, D = {cfg.D}, B = {cfg.n}, K = {cfg.rounds}" + (" [quick]" if quick else ""))
+    return fig, data
+
+
+@figure("gg_distributions", "Gradient guidance: samples before and after (projections on span(A) and |x_perp|), "
+        "Algorithms 1 and 2, G and G_loss (f1 theta_2)")
+def fig_distributions(quick: bool = False):
+    plt = _plt()
+    runs = {k: run(c) for k, c in alg_runs(quick).items()}
+    setup = Setup()
+    f = objective("f1_theta2", setup)
+    A = basis(setup)
+    u = (A.T @ f.theta).numpy()
+    u = u / np.linalg.norm(u)
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
+    data = {}
+    for j, (name, res) in enumerate(runs.items()):
+        s0 = res["config"].seeds[0]
+        samp = res["seeds"][s0]["samples"]
+        K = res["config"].rounds
+        ax, bx = axes[0, j], axes[1, j]
+        for k, color in ((0, "gray"), (K, COLORS[res["config"].guidance])):
+            ax.scatter(samp[k]["z1"], samp[k]["z2"], s=8, color=color, alpha=0.7, label=f"round {k}")
+            bx.hist(np.log10(np.array(samp[k]["perp_norm"]) + 1e-16), bins=20, color=color, alpha=0.6, label=f"round {k}")
+        ax.set_title(LABELS[name])
+        ax.set_xlabel("(A^T x)_1")
+        ax.set_ylabel("(A^T x)_2")
+        ax.legend(fontsize=7)
+        bx.set_xlabel("log10 |x_perp|")
+        bx.legend(fontsize=7)
+        data[name] = {"seed": s0, "par_norm_mean": {k: float(np.mean(samp[k]["par_norm"])) for k in (0, K)},
+                      "perp_norm_mean": {k: float(np.mean(samp[k]["perp_norm"])) for k in (0, K)}}
+    fig.suptitle("samples of one seed: in-span coordinates (top), off-span norm (bottom)" + (" [quick]" if quick else ""))
+    return fig, data
+
+
+@figure("gg_runtime", "Gradient guidance: runtime table (time to converge, per round, one unguided pass, ratios)")
+def fig_runtime(quick: bool = False):
+    plt = _plt()
+    setup = Setup()
+    rows, data = [], {}
+    conv = convergence_runs(quick)
+    n_steps = conv["f1_theta1"].n_steps
+    pt = pass_times(setup, "trained", n=32, n_steps=n_steps, repeats=2 if quick else 3)
+    data["pass_times_s"] = pt
+    for name in ("f1_theta1", "f1_theta2", "f2_b2_trained", "f2_b2_exact"):
+        cfg = conv[name]
+        res = run(cfg)
+        curve = np.mean([res["seeds"][s]["f_mean"] for s in cfg.seeds], axis=0)
+        k_conv = converge_round(curve)
+        tpr = res["time_per_round_s"]
+        unguided = pt["unguided"] if cfg.model == "trained" else pass_times(
+            setup, "exact", n=32, n_steps=n_steps, repeats=2)["unguided"]
+        batch = cfg.n * len(cfg.seeds)
+        data[name] = {"rounds_to_converge": k_conv, "time_per_round_s": tpr, "total_s": k_conv * tpr,
+                      "chains_per_round": batch, "unguided_pass_s_B32": unguided,
+                      "ratio_total_unguided": k_conv * tpr / unguided}
+        rows.append([name, cfg.model, str(batch), str(k_conv), f"{k_conv * tpr:.1f}", f"{tpr:.3f}",
+                     f"{unguided:.3f}", f"{k_conv * tpr / unguided:.0f}"])
+    rows.append(["one pass, B=32", "trained", "32", "-", "-", f"G_loss {pt['G_loss']:.3f} / G {pt['G']:.3f}",
+                 f"{pt['unguided']:.3f}", f"x{pt['ratio_G_loss_unguided']:.2f} / x{pt['ratio_G_loss_G']:.2f}"])
+    fig, ax = plt.subplots(figsize=(12, 2.8))
+    ax.axis("off")
+    tab = ax.table(cellText=rows, colLabels=["run (Alg. 1, G_loss)", "score", "chains", "rounds to 95%",
+                                             "total s", "s / round", "unguided pass s", "total / unguided"],
+                   loc="center")
+    tab.auto_set_font_size(False)
+    tab.set_fontsize(8)
+    tab.scale(1, 1.4)
+    ax.set_title(f"runtime, {n_steps} sampler steps, CPU 1 thread" + (" [quick]" if quick else ""))
+    return fig, data
