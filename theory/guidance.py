@@ -1,0 +1,131 @@
+"""Generic guidance fields (THEORY.md section 6), in the solver's protocol ``field(x, t, eps) -> tensor``
+ADDED TO THE SCORE, plus a classifier-free-guidance eps wrapper.
+
+    classifier guidance   g(x, t) = gamma * grad_x log p_phi(y | x_t = x, t)
+    DPS / reconstruction  g(x, t) = zeta_t * grad_{x_t} log p(y | x0_hat(x_t, t))
+    CFG (an eps model)    eps(x, t, y) = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null))
+    composition           g = sum_i g_i   (conditionally independent labels add their log-likelihoods)
+
+Every field is made for a label tensor ``y`` of shape (B,) (one label per sample) and checks the batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .param import eps_to_x0
+from .schedules import NoiseSchedule, as_time
+
+__all__ = ["classifier_guidance", "dps_guidance", "CFGEps", "sum_fields", "check_labels"]
+
+Field = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def check_labels(y, n_classes: int, batch: Optional[int] = None, name: str = "y", allow_null: bool = False):
+    """Labels as a (B,) long tensor in [0, n_classes) (or -1 = null when ``allow_null``); ValueError otherwise."""
+    y = torch.as_tensor(y).long().reshape(-1)
+    if batch is not None and y.numel() == 1 and batch > 1:
+        y = y.expand(batch)
+    if batch is not None and y.shape != (batch,):
+        raise ValueError(f"{name}: expected one label per sample, shape ({batch},), got {tuple(y.shape)}")
+    lo = -1 if allow_null else 0
+    if y.numel() and (int(y.min()) < lo or int(y.max()) >= n_classes):
+        raise ValueError(f"{name}: labels must be in [{lo}, {n_classes}) (the classifier's classes), "
+                         f"got values in [{int(y.min())}, {int(y.max())}]")
+    return y
+
+
+def _log_lik(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return log_probs.gather(-1, y.to(log_probs.device)[:, None]).squeeze(-1)
+
+
+def classifier_guidance(classifier: Callable, y, gamma: float = 1.0, n_classes: Optional[int] = None) -> Field:
+    """Classifier guidance (Dhariwal & Nichol 2021; THEORY.md 6): g = gamma * grad_x log p_phi(y | x, t).
+
+    ``classifier(x, t) -> log-probabilities or logits (B, C)`` of the NOISY x_t (log_softmax is applied,
+    so logits are fine). With the exact responsibilities of a labelled mixture and gamma = 1 this is the
+    h-transform of CTRL Lemma 2 (THEORY.md 4)."""
+    if not gamma > 0:
+        raise ValueError(f"gamma: the guidance strength must be > 0, got {gamma}")
+
+    def field(x, t, eps):
+        t = as_time(t, x)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            lp = torch.log_softmax(classifier(xg, t), dim=-1)
+            yy = check_labels(y, n_classes if n_classes is not None else lp.shape[-1], x.shape[0])
+            (grad,) = torch.autograd.grad(_log_lik(lp, yy).sum(), xg)
+        return gamma * grad.detach()
+
+    field.kind = "classifier"
+    return field
+
+
+def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Union[float, Callable] = 1.0,
+                 cond=None) -> Field:
+    """DPS / reconstruction guidance (Chung et al. 2022; Ho et al. 2022; THEORY.md 6):
+    g = zeta_t * grad_{x_t} log p(y | x0_hat(x_t, t)),  x0_hat = (x_t - sigma eps(x_t, t)) / alpha.
+
+    ``log_lik(x0, y) -> (B,)`` is the clean-data label log-likelihood (e.g. a clean classifier's
+    log p_phi(y | x0)); the gradient goes through the model's eps (one vector-Jacobian product).
+    ``zeta`` is a number or a function ``zeta(t) -> (B,)``."""
+    if not callable(zeta) and not zeta > 0:
+        raise ValueError(f"zeta: the DPS strength must be > 0, got {zeta}")
+
+    def field(x, t, eps):
+        t = as_time(t, x)
+        a, s = schedule.alpha(t).to(x.dtype), schedule.sigma(t).to(x.dtype)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = eps_to_x0(xg, model(xg, t, cond), a, s)
+            ll = log_lik(x0, y)
+            if ll.shape != (x.shape[0],):
+                raise ValueError(f"log_lik: returned shape {tuple(ll.shape)}, expected ({x.shape[0]},)")
+            (grad,) = torch.autograd.grad(ll.sum(), xg)
+        z = zeta(t) if callable(zeta) else torch.full_like(t, float(zeta))
+        return z.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1)) * grad.detach()
+
+    field.kind = "dps"
+    return field
+
+
+class CFGEps(torch.nn.Module):
+    """Classifier-free guidance as an eps model (Ho & Salimans 2022; CTRL appendix B):
+    eps_w(x, t, y) = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)).
+
+    ``model(x, t, cond)`` must accept ``cond = -1`` for the null label (``theory.nets.EpsMLP`` with
+    ``n_classes`` does). w = 1 is the conditional model, w = 0 the unconditional one; for a label
+    trained with strength gamma_0 the weight w rescales it to about w * gamma_0 (appendix B)."""
+
+    def __init__(self, model, w: float, null=-1):
+        super().__init__()
+        if not w >= 0:
+            raise ValueError(f"w: the guidance weight must be >= 0, got {w}")
+        self.model, self.w, self.null = model, float(w), null
+
+    def forward(self, x, t, cond=None):
+        if cond is None:
+            raise ValueError("cond: CFGEps needs labels (one per sample); use the model itself for unconditional samples")
+        null = torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device)
+        e_null = self.model(x, t, null)
+        if self.w == 0.0:
+            return e_null
+        return e_null + self.w * (self.model(x, t, cond) - e_null)
+
+
+def sum_fields(*fields: Field) -> Field:
+    """The sum of guidance fields (composition by addition; THEORY.md 6: conditionally independent
+    labels add their log-likelihoods, hence their guidance)."""
+    fs = [f for f in fields if f is not None]
+    if not fs:
+        raise ValueError("fields: give at least one guidance field")
+
+    def field(x, t, eps):
+        out = fs[0](x, t, eps)
+        for f in fs[1:]:
+            out = out + f(x, t, eps)
+        return out
+
+    field.kind = "+".join(getattr(f, "kind", "field") for f in fs)
+    return field
