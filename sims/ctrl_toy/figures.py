@@ -1,0 +1,193 @@
+"""Figures of the CTRL toy (issue 5), registered with ``sims.registry``:
+
+1. ``ctrl_toy_density``: density panels, exact target vs each method, one row per label kind.
+2. ``ctrl_toy_table``: accuracy / macro-F1 / mean label log-likelihood / KL to the target per method and label.
+3. ``ctrl_toy_efficiency``: KL to the target against the offline size, CTRL vs CFG (mean, min..max over seeds).
+4. ``ctrl_toy_gamma``: CTRL trained at one gamma, rescaled at inference (appendix B) vs the exact targets.
+5. ``ctrl_toy_two_labels``: two labels at once (y1 component x y2 half-plane).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sims.registry import figure
+
+from . import data
+from .configs import CompareConfig, EfficiencyConfig, GammaConfig, TwoLabelConfig
+from .experiments import compare, efficiency, gamma_sweep, two_labels
+
+PANEL_METHODS = ("exact target (floor)", "CTRL", "classifier guidance", "DPS", "CFG")
+TABLE_METHODS = ("CTRL", "CTRL (last 5 steps)", "CTRL-PPO (quantised label)", "classifier guidance", "DPS", "CFG",
+                 "pre-trained", "exact target (floor)")
+
+
+def _strip(d):
+    """Drop bulky sample lists from the JSON numbers."""
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in ("samples", "history")}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def _show_target(ax, lab, c, gamma, toy):
+    u, d = data.exact_target(lambda p: lab.log_prob(p)[:, c], gamma, toy)
+    lim = 3.5
+    ax.imshow(d.numpy(), origin="lower", extent=[-toy.grid_lim, toy.grid_lim] * 2, cmap="Greys", aspect="equal")
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+
+
+def _scatter(ax, pts, color):
+    p = np.asarray(pts)
+    ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5, color=color)
+
+
+@figure("ctrl_toy_density", "CTRL toy: exact target p(y|x)^gamma p(x) vs CTRL, classifier guidance, DPS, CFG per label")
+def fig_density(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    res = compare(cfg)
+    rows = list(res["labels"])
+    fig, axes = plt.subplots(len(rows), len(PANEL_METHODS), figsize=(3 * len(PANEL_METHODS), 3 * len(rows)), squeeze=False)
+    numbers = {}
+    for i, kind in enumerate(rows):
+        lab = data.true_label(kind, cfg.toy)
+        c = 1 if kind == "halfplane" else lab.n_classes - 1  # the rarest class: the hardest target
+        ms = res["labels"][kind]["methods"]
+        for j, name in enumerate(PANEL_METHODS):
+            ax = axes[i, j]
+            _show_target(ax, lab, c, res["gamma"], cfg.toy)
+            if name in ms and "samples" in ms[name]:
+                _scatter(ax, ms[name]["samples"][c], f"C{j}")
+                kl = ms[name]["kl_per_class"][c]
+                ax.set_title(f"{name}\n{kind}, y={c}: KL={kl:.3f}", fontsize=8)
+                numbers[f"{kind}/{name}/kl_y{c}"] = kl
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"gamma={res['gamma']}, {res['n_offline']} offline pairs; grey: exact target, dots: samples")
+    fig.tight_layout()
+    return fig, dict(numbers=numbers, config=cfg)
+
+
+@figure("ctrl_toy_table", "CTRL toy: accuracy / macro-F1 / label log-likelihood / KL of CTRL, classifier guidance, DPS, CFG")
+def fig_table(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    res = compare(cfg)
+    cells, rows = [], []
+    for kind, r in res["labels"].items():
+        for name in TABLE_METHODS:
+            m = r["methods"].get(name)
+            if m is None:
+                continue
+            rows.append(f"{kind}: {name}" + (f" (zeta={m['zeta']})" if "zeta" in m else ""))
+            if "error" in m:
+                cells.append(["-", "-", "-", "-", m["error"][:40]])
+                continue
+            cells.append([f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['log_lik']:.3f}", f"{m['kl']:.3f}", ""])
+    fig, ax = plt.subplots(figsize=(12, 0.3 * len(rows) + 1.2))
+    ax.axis("off")
+    t = ax.table(cellText=cells, rowLabels=rows, colLabels=["accuracy", "macro-F1", "E log p(y|x)", "KL to target", "note"],
+                 loc="center")
+    t.auto_set_font_size(False)
+    t.set_fontsize(7)
+    ax.set_title(f"gamma={res['gamma']}, {res['n_offline']} offline pairs; metrics under the true p(y|x)", fontsize=9)
+    fig.tight_layout()
+    out = {kind: dict(methods=_strip(r["methods"]), ece=r["ece"], times=r["times"]) for kind, r in res["labels"].items()}
+    return fig, dict(results=out, config=cfg)
+
+
+@figure("ctrl_toy_efficiency", "CTRL toy: KL to the exact target vs offline data size, CTRL vs classifier-free guidance")
+def fig_efficiency(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = EfficiencyConfig.quick() if quick else EfficiencyConfig()
+    res = efficiency(cfg)
+    sizes = res["sizes"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    summary = {}
+    for key, label, col in (("ctrl", "CTRL", "C0"), ("cfg", "CFG", "C3")):
+        for ax, metric in zip(axes, ("kl", "acc")):
+            M = np.array([[r[f"{key}_{metric}"] for r in res["rows"] if r["size"] == s] for s in sizes])
+            ax.plot(sizes, M.mean(1), "o-", color=col, label=label)
+            ax.fill_between(sizes, M.min(1), M.max(1), color=col, alpha=0.2, lw=0)
+            summary[f"{key}_{metric}_mean"] = M.mean(1).tolist()
+            summary[f"{key}_{metric}_min"] = M.min(1).tolist()
+            summary[f"{key}_{metric}_max"] = M.max(1).tolist()
+    axes[0].axhline(res["kl_floor"], color="k", ls=":", label="exact samples (floor)")
+    axes[0].set_ylabel("KL(samples || exact target), grid histogram")
+    axes[1].set_ylabel("accuracy under true p(y|x)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("offline pairs")
+        ax.legend()
+    fig.suptitle(f"label {res['label']}, gamma={res['gamma']}, seeds {res['seeds']} (band: min..max)")
+    fig.tight_layout()
+    return fig, dict(summary=summary, sizes=sizes, kl_floor=res["kl_floor"], rows=_strip(res["rows"]), config=cfg)
+
+
+@figure("ctrl_toy_gamma", "CTRL toy: gamma sweep, trained at one gamma and rescaled at inference (appendix B)")
+def fig_gamma(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = GammaConfig.quick() if quick else GammaConfig()
+    res = gamma_sweep(cfg)
+    rows = res["rows"]
+    g = [r["gamma"] for r in rows]
+    lab = data.true_label(res["label"], cfg.base.toy)
+    c = lab.n_classes - 1
+    fig, axes = plt.subplots(1, 2 + len(rows), figsize=(4 * (2 + len(rows)), 3.8))
+    axes[0].plot(g, [r["ctrl_kl"] for r in rows], "o-", label="CTRL rescaled (w = gamma/gamma_train)")
+    axes[0].plot(g, [r["cfg_kl"] for r in rows], "s-", label="CFG (w = gamma)")
+    axes[0].plot(g, [r["floor_kl"] for r in rows], "k:", label="exact samples (floor)")
+    axes[0].set_ylabel("KL to exact p(y|x)^gamma p(x)")
+    axes[1].plot(g, [r["ctrl_loglik"] for r in rows], "o-", label="CTRL rescaled")
+    axes[1].plot(g, [r["cfg_loglik"] for r in rows], "s-", label="CFG")
+    axes[1].plot(g, [r["floor_loglik"] for r in rows], "k:", label="exact target")
+    axes[1].set_ylabel("E log p(y|x)")
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.set_xlabel("gamma at inference")
+        ax.axvline(res["gamma_train"], color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    for ax, r in zip(axes[2:], rows):
+        _show_target(ax, lab, c, r["gamma"], cfg.base.toy)
+        _scatter(ax, r["samples"][c], "C0")
+        ax.set_title(f"gamma={r['gamma']} (w={r['w']:.2g}), y={c}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"label {res['label']}, CTRL trained at gamma={res['gamma_train']}")
+    fig.tight_layout()
+    return fig, dict(rows=_strip(rows), gamma_train=res["gamma_train"], config=cfg)
+
+
+@figure("ctrl_toy_two_labels", "CTRL toy: two conditionally independent labels at once from two classifiers")
+def fig_two(quick: bool = False):
+    import matplotlib.pyplot as plt
+
+    cfg = TwoLabelConfig.quick() if quick else TwoLabelConfig()
+    res = two_labels(cfg)
+    rows = res["rows"]
+    l1 = data.true_label(res["labels"][0], cfg.base.toy)
+    l2 = data.true_label(res["labels"][1], cfg.base.toy)
+    fig, axes = plt.subplots(2, len(rows), figsize=(2.6 * len(rows), 5.4), squeeze=False)
+    for j, r in enumerate(rows):
+        for i, name in enumerate(("CTRL (two labels)", "classifier guidance (sum)")):
+            ax = axes[i, j]
+            u, d = data.exact_target(lambda p, r=r: l1.log_prob(p)[:, r["y1"]] + l2.log_prob(p)[:, r["y2"]], 1.0, cfg.base.toy)
+            ax.imshow(d.numpy(), origin="lower", extent=[-cfg.base.toy.grid_lim, cfg.base.toy.grid_lim] * 2, cmap="Greys")
+            ax.set_xlim(-3.5, 3.5)
+            ax.set_ylim(-3.5, 3.5)
+            _scatter(ax, r["samples"][name], f"C{i}")
+            ax.set_title(f"{'CTRL' if i == 0 else 'CG sum'} y1={r['y1']},y2={r['y2']}\nKL={r['kl'][name]:.2f}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"two labels ({res['labels'][0]} x {res['labels'][1]}); grey: exact p(y1|x) p(y2|x) p(x)")
+    fig.tight_layout()
+    means = {name: float(np.mean([r["kl"][name] for r in rows])) for name in rows[0]["kl"]}
+    acc = {name: float(np.mean([min(r["acc1"][name], 1.0) * r["acc2"][name] for r in rows])) for name in rows[0]["acc1"]}
+    return fig, dict(mean_kl=means, mean_acc1_times_acc2=acc, rows=_strip(rows), train_seconds=res["train_seconds"], config=cfg)

@@ -1,0 +1,267 @@
+"""The methods of the CTRL toy. Every one samples through ``theory.solvers.sample`` (DDIM, eta = 1):
+
+- CTRL (seed ctrl_conditioning_with_rl, Algorithm 1): the augmented model
+      eps_aug(x, t, y) = eps_pre(x, t) + g_psi(x, t, y),   g_psi(., ., NULL) = 0,  g_psi = 0 at init
+  (the paper's f_pre + g_psi; the correction's last layer starts at zero, the NULL label gives exactly
+  zero), fine-tuned by ``theory.engine.finetune`` on the reward r(x0, y) = log p_phi(y | x0) with KL weight
+  lam = 1 / gamma (objective E[gamma log p_phi(y|x0)] - KL, divided by gamma), path KL to the pre-trained
+  model summed over dimensions. Several labels: r = sum_i log p_i(y_i | x0) (conditional independence).
+  Inference: ``AugmentedEps.cfg(w)`` = eps_null + w (eps_y - eps_null) rescales gamma (appendix B).
+- Classifier guidance: gamma grad log p_phi(y | x_t, t), a noisy classifier (``theory.guidance``).
+- DPS: zeta grad_{x_t} log p_phi(y | x0_hat(x_t)), the clean calibrated classifier.
+- Classifier-free guidance: a conditional EpsMLP trained on the offline pairs with label dropout.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from theory.classifiers import ClassifierMLP
+from theory.guidance import CFGEps, check_labels
+from theory.nets import DSMConfig, EpsMLP, train_dsm
+from theory.solvers import sample
+
+from .configs import CTRLConfig, ToyConfig
+from .data import check_gamma, grid_times, schedule
+
+__all__ = ["AugmentedEps", "ClassifierReward", "QuantisedReward", "train_ctrl", "draw", "train_cfg_model",
+           "uniform_cond_sampler"]
+
+
+class _TimeFeat(nn.Module):
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), dim // 2)), persistent=False)
+
+    def forward(self, t):
+        u = t[:, None] * self.freqs[None].to(t.dtype)
+        return torch.cat([torch.sin(u), torch.cos(u)], -1)
+
+
+class AugmentedEps(nn.Module):
+    """CTRL's augmented eps model (seed eq. 3 / appendix B): eps_pre(x, t) + g_psi(x, t, y).
+
+    ``n_labels``: an int (one condition, cond of shape (B,)) or a tuple (several conditions, cond (B, m)).
+    Label -1 is NULL; g_psi sees the one-hot codes of the non-null labels and is multiplied by 0 when all
+    labels are NULL, so eps_aug(., ., NULL) = eps_pre exactly; its last layer is zero-initialised, so at
+    initialisation eps_aug = eps_pre bit for bit. The pre-trained model is frozen; ``reference`` is it."""
+
+    def __init__(self, base: nn.Module, n_labels: Union[int, Sequence[int]], dim: int = 2, hidden: int = 64,
+                 depth: int = 2, dtype=torch.float32):
+        super().__init__()
+        self.multi = not isinstance(n_labels, int)
+        self.n_labels = tuple(n_labels) if self.multi else (int(n_labels),)
+        if any(k < 1 for k in self.n_labels):
+            raise ValueError(f"n_labels: every condition needs >= 1 class, got {n_labels}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.time = _TimeFeat(16)
+        layers: list[nn.Module] = []
+        in_dim = dim + 16 + sum(self.n_labels)
+        for i in range(depth):
+            layers += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.SiLU()]
+        last = nn.Linear(hidden, dim)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        layers.append(last)
+        self.g = nn.Sequential(*layers).to(dtype)
+        self.dim = dim
+
+    @property
+    def reference(self):
+        """The pre-trained eps model, label ignored (an exact mixture would read a label as conditioning)."""
+        return _Unconditional(self.base)
+
+    def _cond(self, cond, B, device):
+        if cond is None:
+            return torch.full((B, len(self.n_labels)), -1, dtype=torch.long, device=device)
+        c = torch.as_tensor(cond, device=device).long()
+        if not self.multi:
+            c = c.reshape(-1)
+            if c.numel() == 1:
+                c = c.expand(B)
+            c = c[:, None]
+        if c.shape != (B, len(self.n_labels)):
+            raise ValueError(f"cond: expected labels of shape ({B},{'' if not self.multi else f' {len(self.n_labels)}'}) "
+                             f"got {tuple(c.shape)}")
+        for i, k in enumerate(self.n_labels):
+            check_labels(c[:, i], k, B, name="cond", allow_null=True)
+        return c
+
+    def correction(self, x, t, cond):
+        """g_psi(x, t, y) (zero for NULL labels)."""
+        B = x.shape[0]
+        c = self._cond(cond, B, x.device)
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(B)
+        dt = self.g[0].weight.dtype
+        codes = [nn.functional.one_hot(c[:, i].clamp(min=0), k).to(dt) * (c[:, i:i + 1] >= 0).to(dt)
+                 for i, k in enumerate(self.n_labels)]
+        h = torch.cat([x.to(dt), self.time(t.to(dt))] + codes, -1)
+        on = (c >= 0).any(1, keepdim=True).to(dt)
+        return (self.g(h) * on).to(x.dtype)
+
+    def forward(self, x, t, cond=None):
+        return self.base(x, t, None) + self.correction(x, t, cond)
+
+    def param_groups(self, lr_lora: float, lr_embed: Optional[float] = None):
+        """AdamW groups (ENGINE_API.md): only the correction g_psi trains."""
+        return [{"params": [p for p in self.g.parameters()], "lr": lr_lora}]
+
+    def cfg(self, w):
+        """Classifier-free mixing of the fine-tuned condition(s) (seed appendix B):
+        eps_null + sum_i w_i (eps(y_i alone) - eps_null); for one condition eps_null + w (eps_y - eps_null)."""
+        return _AugCFG(self, w)
+
+
+class _Unconditional(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x, t, cond=None):
+        return self.base(x, t, None)
+
+
+class _AugCFG(nn.Module):
+    def __init__(self, aug: AugmentedEps, w):
+        super().__init__()
+        ws = tuple(w) if isinstance(w, (tuple, list)) else (float(w),) * len(aug.n_labels)
+        if len(ws) != len(aug.n_labels) or any(not v >= 0 for v in ws):
+            raise ValueError(f"w: need {len(aug.n_labels)} weights >= 0, got {w}")
+        self.aug, self.ws = aug, ws
+
+    def forward(self, x, t, cond=None):
+        c = self.aug._cond(cond, x.shape[0], x.device)
+        out = self.aug.base(x, t, None)
+        for i, w in enumerate(self.ws):
+            only = torch.full_like(c, -1)
+            only[:, i] = c[:, i]
+            out = out + w * self.aug.correction(x, t, only if self.aug.multi else only[:, 0])
+        return out
+
+
+class ClassifierReward:
+    """r(x0, y) = sum_i log p_i(y_i | x0) (CTRL's reward; conditional independence for several labels).
+    ``log_probs``: callables x -> (B, C_i) log-probabilities (a calibrated ``ClassifierMLP``, or an exact
+    likelihood)."""
+
+    differentiable = True
+
+    def __init__(self, *log_probs):
+        if not log_probs:
+            raise ValueError("log_probs: give at least one classifier")
+        self.log_probs = log_probs
+
+    def __call__(self, x0, cond):
+        if cond is None:
+            raise ValueError("cond: the CTRL reward needs the label of every sample")
+        c = torch.as_tensor(cond, device=x0.device).long()
+        if c.ndim == 1:
+            c = c[:, None]
+        if c.shape != (x0.shape[0], len(self.log_probs)):
+            raise ValueError(f"cond: expected ({x0.shape[0]}, {len(self.log_probs)}) labels, got {tuple(c.shape)}")
+        r = 0.0
+        for i, lp in enumerate(self.log_probs):
+            L = lp(x0)
+            yi = check_labels(c[:, i], L.shape[-1], x0.shape[0], name="cond")
+            r = r + L.gather(-1, yi[:, None]).squeeze(-1).to(x0.dtype)
+        return r
+
+
+class QuantisedReward(ClassifierReward):
+    """A non-differentiable label reward for the PPO route: the classifier read on x0 rounded to a grid of
+    step ``step`` (piecewise constant in x0, so its gradient is zero almost everywhere)."""
+
+    differentiable = False
+
+    def __init__(self, *log_probs, step: float = 0.25):
+        super().__init__(*log_probs)
+        self.step = step
+
+    def __call__(self, x0, cond):
+        with torch.no_grad():
+            return super().__call__(torch.round(x0.detach() / self.step) * self.step, cond)
+
+
+def uniform_cond_sampler(n_labels: Union[int, Sequence[int]]):
+    """cond(n, generator): labels uniform over the classes (one column per condition)."""
+    ks = (n_labels,) if isinstance(n_labels, int) else tuple(n_labels)
+
+    def sampler(n, generator=None):
+        cols = [torch.randint(0, k, (n,), generator=generator) for k in ks]
+        return cols[0] if isinstance(n_labels, int) else torch.stack(cols, 1)
+
+    return sampler
+
+
+def _gauss(dtype):
+    def sampler(n, generator=None):
+        return torch.randn(n, 2, generator=generator, dtype=dtype)
+
+    return sampler
+
+
+def train_ctrl(model: AugmentedEps, reward, ctrl: CTRLConfig, toy: ToyConfig = ToyConfig(), strategy=None,
+               progress: bool = False):
+    """CTRL planning (Algorithm 1) through the engine: reward r = log p_phi(y|x0), lam = 1 / gamma, DDIM
+    eta = 1 on ``ctrl.n_steps`` steps, gradients through the whole chain (``DRaFT()``) or the last k
+    (``DRaFTK(k)``); ``strategy`` overrides (e.g. ``DDPO()`` for a non-differentiable reward).
+    Returns the engine's History."""
+    gamma = check_gamma(ctrl.gamma)
+    from theory.engine import DRaFT, DRaFTK, FinetuneConfig, finetune
+
+    if strategy is None:
+        strategy = DRaFT() if ctrl.k is None else DRaFTK(ctrl.k)
+    dtype = model.g[0].weight.dtype
+    cfg = FinetuneConfig(steps=ctrl.steps, batch_size=ctrl.batch_size, n_steps=ctrl.n_steps, method="ddim",
+                         eta=1.0, lam=1.0 / gamma, lr=ctrl.lr, grad_clip=5.0, seed=ctrl.seed, t_min=toy.t_min,
+                         progress=progress)
+    ts = grid_times(toy, ctrl.n_steps)
+    return finetune(model, schedule(toy), reward, strategy, cfg, x_T_sampler=_gauss(dtype),
+                    cond_sampler=uniform_cond_sampler(model.n_labels if model.multi else model.n_labels[0]), ts=ts)
+
+
+@torch.no_grad()
+def _sample_nograd(model, toy, x_T, cond, gen, guidance):
+    return sample(model, schedule(toy), x_T, grid_times(toy), method="ddim", eta=1.0, cond=cond,
+                  guidance=guidance, generator=gen).x0
+
+
+def draw(model, cond, n: int, seed: int, toy: ToyConfig = ToyConfig(), guidance=None, dtype=torch.float32):
+    """n samples of ``model`` (DDIM eta = 1, ``toy.n_steps`` steps) for label(s) ``cond`` (broadcast), on
+    fixed noise (seed). Guidance fields differentiate internally, so no autograd graph is kept."""
+    gen = torch.Generator().manual_seed(30_000 + seed)
+    x_T = torch.randn(n, 2, generator=gen, dtype=dtype)
+    if isinstance(cond, int):  # one label for every sample
+        cond = torch.full((n,), cond, dtype=torch.long)
+    elif isinstance(cond, (tuple, list)):  # one label per condition, for every sample
+        cond = torch.tensor(cond, dtype=torch.long)[None].expand(n, -1)
+    if guidance is not None:
+        x = sample(model, schedule(toy), x_T, grid_times(toy), method="ddim", eta=1.0, cond=cond,
+                   guidance=guidance, generator=gen).x0
+        return x.detach()
+    return _sample_nograd(model, toy, x_T, cond, gen, None)
+
+
+def train_cfg_model(x: torch.Tensor, y: torch.Tensor, n_classes: int, p_uncond: float, dsm: DSMConfig,
+                    toy: ToyConfig = ToyConfig()) -> EpsMLP:
+    """Classifier-free guidance baseline: EpsMLP(n_classes) by denoising score matching on the offline
+    pairs only, labels dropped to NULL with probability p_uncond (Ho & Salimans 2022)."""
+    from dataclasses import replace
+
+    torch.manual_seed(dsm.seed)
+    model = EpsMLP(2, hidden=toy.hidden, depth=toy.depth, T=1.0, n_classes=n_classes)
+    train_dsm(model, schedule(toy), x.float(), replace(dsm, p_uncond=p_uncond), labels=y)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def cfg_eps(model: EpsMLP, w: float) -> CFGEps:
+    return CFGEps(model, w)
