@@ -27,13 +27,21 @@ def _stats(x: torch.Tensor, f: torch.Tensor, A: torch.Tensor) -> dict:
             "x_par_norm": float((x @ A.to(x.dtype)).norm(dim=-1).mean())}
 
 
-def _summary(x: torch.Tensor, A: torch.Tensor) -> dict:
-    """Samples for the distribution plots: 2 in-span coordinates (A^T x)[:, :2], |x_perp|, |x_par|."""
+def _summary(x: torch.Tensor, A: torch.Tensor, direction=None) -> dict:
+    """Samples for the distribution plots: 2 in-span coordinates (A^T x)[:, :2], |x_perp|, |x_par|, and
+    for an objective with a direction theta: x along theta_par/|theta_par| and along theta_perp/|theta_perp|."""
     A = A.to(x.dtype)
     z = x @ A
     perp = x - z @ A.T
-    return {"z1": z[:, 0].tolist(), "z2": z[:, 1].tolist(), "perp_norm": perp.norm(dim=-1).tolist(),
-            "par_norm": z.norm(dim=-1).tolist()}
+    out = {"z1": z[:, 0].tolist(), "z2": z[:, 1].tolist(), "perp_norm": perp.norm(dim=-1).tolist(),
+           "par_norm": z.norm(dim=-1).tolist()}
+    if direction is not None:
+        th = direction.to(x.dtype)
+        tp = A @ (A.T @ th)
+        to = th - tp
+        out["along_theta_par"] = (x @ (tp / tp.norm())).tolist()
+        out["along_theta_perp"] = (x @ (to / to.norm().clamp_min(1e-30))).tolist()
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,7 +80,7 @@ def run(cfg: RunConfig) -> dict:
         for j, s in enumerate(seeds):
             sl = slice(j * n, (j + 1) * n)
             stats = {key: [m[j][key] for m in res.metrics] for key in res.metrics[0][j]}
-            stats["samples"] = {int(k): _summary(v[sl], A) for k, v in res.samples.items()}
+            stats["samples"] = {int(k): _summary(v[sl], A, getattr(f, "theta", None)) for k, v in res.samples.items()}
             out["seeds"][int(s)] = stats
     out["time_per_round_s"] = sum(per_round) / len(per_round)
     out["wall_s"] = time.perf_counter() - t_all

@@ -165,11 +165,6 @@ def fig_sphere(quick: bool = False):
 def fig_distributions(quick: bool = False):
     plt = _plt()
     runs = {k: run(c) for k, c in alg_runs(quick).items()}
-    setup = Setup()
-    f = objective("f1_theta2", setup)
-    A = basis(setup)
-    u = (A.T @ f.theta).numpy()
-    u = u / np.linalg.norm(u)
     fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     data = {}
     for j, (name, res) in enumerate(runs.items()):
@@ -178,17 +173,20 @@ def fig_distributions(quick: bool = False):
         K = res["config"].rounds
         ax, bx = axes[0, j], axes[1, j]
         for k, color in ((0, "gray"), (K, COLORS[res["config"].guidance])):
-            ax.scatter(samp[k]["z1"], samp[k]["z2"], s=8, color=color, alpha=0.7, label=f"round {k}")
+            ax.scatter(samp[k]["along_theta_par"], samp[k]["along_theta_perp"], s=8, color=color, alpha=0.7,
+                       label=f"round {k}")
             bx.hist(np.log10(np.array(samp[k]["perp_norm"]) + 1e-16), bins=20, color=color, alpha=0.6, label=f"round {k}")
         ax.set_title(LABELS[name])
-        ax.set_xlabel("(A^T x)_1")
-        ax.set_ylabel("(A^T x)_2")
+        ax.set_xlabel("x . theta_par/|theta_par| (in span)")
+        ax.set_ylabel("x . theta_perp/|theta_perp| (off span)")
         ax.legend(fontsize=7)
         bx.set_xlabel("log10 |x_perp|")
         bx.legend(fontsize=7)
         data[name] = {"seed": s0, "par_norm_mean": {k: float(np.mean(samp[k]["par_norm"])) for k in (0, K)},
-                      "perp_norm_mean": {k: float(np.mean(samp[k]["perp_norm"])) for k in (0, K)}}
-    fig.suptitle("samples of one seed: in-span coordinates (top), off-span norm (bottom)" + (" [quick]" if quick else ""))
+                      "perp_norm_mean": {k: float(np.mean(samp[k]["perp_norm"])) for k in (0, K)},
+                      "along_theta_par_mean": {k: float(np.mean(samp[k]["along_theta_par"])) for k in (0, K)},
+                      "along_theta_perp_mean": {k: float(np.mean(samp[k]["along_theta_perp"])) for k in (0, K)}}
+    fig.suptitle("samples of one seed: along theta's in-span and off-span directions (top), |x_perp| (bottom)" + (" [quick]" if quick else ""))
     return fig, data
 
 
