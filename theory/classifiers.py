@@ -159,7 +159,7 @@ def fit_mle(clf: ClassifierMLP, x: torch.Tensor, y: torch.Tensor, config: FitCon
     opt = torch.optim.AdamW(clf.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     losses = []
     for _ in range(config.steps):
-        idx = torch.randint(0, x.shape[0], (min(config.batch_size, x.shape[0]) if not noisy else config.batch_size,), generator=g)
+        idx = torch.randint(0, x.shape[0], (config.batch_size,), generator=g)  # minibatch with replacement
         xb, yb = x[idx], y[idx]
         if noisy:
             t = config.t_min + (schedule.T - config.t_min) * torch.rand(xb.shape[0], generator=g, dtype=dt)
@@ -179,9 +179,13 @@ def fit_mle(clf: ClassifierMLP, x: torch.Tensor, y: torch.Tensor, config: FitCon
     return losses
 
 
+T_MIN, T_MAX = 0.1, 100.0
+
+
 def fit_temperature(clf: ClassifierMLP, x_val: torch.Tensor, y_val: torch.Tensor) -> float:
     """Temperature scaling (Guo et al. 2017; the CTRL authors' code): one T > 0 minimising the held-out
-    negative log-likelihood of softmax(f(x)/T), by LBFGS on log T. Sets ``clf.temperature``; returns T."""
+    negative log-likelihood of softmax(f(x)/T), by LBFGS on log T, clamped to [T_MIN, T_MAX]. Sets
+    ``clf.temperature``; returns T."""
     check_offline(x_val, y_val, clf.n_classes, name="held-out set")
     with torch.no_grad():
         z = clf.logits(x_val.to(clf.net[0].weight.dtype)).double()
@@ -195,7 +199,9 @@ def fit_temperature(clf: ClassifierMLP, x_val: torch.Tensor, y_val: torch.Tensor
         return loss
 
     opt.step(closure)
-    T = float(log_t.detach().exp())
+    # a held-out set that the classifier gets entirely right has its NLL minimised at T -> 0 (and one it gets
+    # entirely wrong at T -> inf): keep T in [T_MIN, T_MAX] so a tiny split cannot make the classifier a step
+    T = min(max(float(log_t.detach().exp()), T_MIN), T_MAX)
     clf.temperature.fill_(T)
     return T
 

@@ -84,7 +84,7 @@ class CompareConfig:
     @classmethod
     def quick(cls) -> "CompareConfig":
         return cls(clf=FitConfig(steps=600), noisy_clf=FitConfig(steps=1200),
-                   ctrl=CTRLConfig(steps=150), cfg=CFGConfig(dsm=DSMConfig(steps=1200, batch_size=256)),
+                   ctrl=CTRLConfig(steps=150, n_steps=15), cfg=CFGConfig(dsm=DSMConfig(steps=1000, batch_size=256)),
                    dps_zetas=(0.5, 2.0), n_eval=400, ctrl_k=None, ppo_steps=40)
 
 
@@ -134,7 +134,7 @@ class ExactCheckConfig:
     classifier-guidance drift grad log p(y | x_t)."""
 
     toy: ToyConfig = ToyConfig()
-    ctrl: CTRLConfig = CTRLConfig(steps=400)
+    ctrl: CTRLConfig = CTRLConfig(steps=600, n_steps=50)
     label: int = 0
     n_eval: int = 2000
     seed: int = 0

@@ -33,10 +33,25 @@ __all__ = ["prepare", "compare", "efficiency", "gamma_sweep", "two_labels", "exa
 N_TEST = 5000  # fresh pairs for the held-out ECE
 
 
-@lru_cache(maxsize=32)
+def _training_part(cfg: CompareConfig) -> CompareConfig:
+    """The fields of a CompareConfig that change trained models (the cache key of prepare / run_ctrl), so
+    figures with different evaluation settings share classifiers, CFG models and CTRL runs."""
+    return replace(cfg, labels=(), n_offline=0, dps_zetas=(), n_eval=0, ctrl_k=None, ppo_steps=0, seed=0)
+
+
 def prepare(cfg: CompareConfig, kind: str, n_offline: int, seed: int, with_cfg: bool = True):
     """Offline set of ``n_offline`` pairs (seed), classifiers and the CFG model; ECE before / after
-    temperature scaling on the held-out split and on N_TEST fresh pairs."""
+    temperature scaling on the held-out split and on N_TEST fresh pairs (cached per process)."""
+    key = (_training_part(cfg), kind, n_offline, seed)
+    if key not in _PREP or (with_cfg and _PREP[key]["cfg_model"] is None):
+        _PREP[key] = _prepare(*key, with_cfg)
+    return _PREP[key]
+
+
+_PREP: dict = {}
+
+
+def _prepare(cfg: CompareConfig, kind: str, n_offline: int, seed: int, with_cfg: bool = True):
     toy = cfg.toy
     lab = data.true_label(kind, toy)
     x, y = data.offline_set(kind, n_offline, seed, toy)
@@ -45,10 +60,14 @@ def prepare(cfg: CompareConfig, kind: str, n_offline: int, seed: int, with_cfg: 
     clf = ClassifierMLP(2, lab.n_classes)
     fit_mle(clf, xt, yt, replace(cfg.clf, seed=seed))
     xe, ye = data.offline_set(kind, N_TEST, 99, toy)
-    ece = dict(test_before=expected_calibration_error(clf(xe), ye), val_before=expected_calibration_error(clf(xv), yv))
+    def nll(xx, yy):
+        return float(-clf.log_lik(xx, yy).mean())
+
+    ece = dict(test_before=expected_calibration_error(clf(xe), ye), val_before=expected_calibration_error(clf(xv), yv),
+               test_nll_before=nll(xe, ye))
     T = fit_temperature(clf, xv, yv)
     ece.update(test_after=expected_calibration_error(clf(xe), ye), val_after=expected_calibration_error(clf(xv), yv),
-               temperature=T)
+               test_nll_after=nll(xe, ye), temperature=T, n_val=int(yv.numel()))
     noisy = NoisyClassifierMLP(2, lab.n_classes)
     fit_mle(noisy, x, y, replace(cfg.noisy_clf, seed=seed), schedule=data.schedule(toy))
     t_clf = time.perf_counter() - t0
@@ -67,7 +86,18 @@ def _fresh_ctrl(n_labels, cfg: CompareConfig, dtype=torch.float32):
 
 
 def run_ctrl(cfg: CompareConfig, prep: dict, gamma: float | None = None, k=None, ppo: bool = False, seed: int = 0):
-    """Train CTRL on the calibrated classifier of ``prep``; returns (model, history as arrays, seconds)."""
+    """Train CTRL on the calibrated classifier of ``prep`` (cached per process on the training settings);
+    returns (model, history, seconds)."""
+    key = (_training_part(cfg), prep["label"].kind, int(prep["x"].shape[0]), id(prep["clf"]), gamma, k, ppo, seed)
+    if key not in _CTRL:
+        _CTRL[key] = _run_ctrl(cfg, prep, gamma, k, ppo, seed)
+    return _CTRL[key]
+
+
+_CTRL: dict = {}
+
+
+def _run_ctrl(cfg: CompareConfig, prep: dict, gamma, k, ppo, seed):
     ctrl = replace(cfg.ctrl, gamma=cfg.ctrl.gamma if gamma is None else gamma, k=k, seed=seed)
     model = _fresh_ctrl(prep["label"].n_classes, cfg)
     strategy = None
@@ -230,11 +260,14 @@ def two_labels(cfg: TwoLabelConfig) -> dict:
                   "classifier guidance (sum)": draw(base, None, n, seed, toy, guidance=sum_fields(
                       classifier_guidance(p1["noisy"], torch.full((n,), c1), gamma),
                       classifier_guidance(p2["noisy"], torch.full((n,), c2), gamma)))}
-            row = dict(y1=c1, y2=c2, kl={}, acc1={}, acc2={}, samples={})
+            row = dict(y1=c1, y2=c2, kl={}, acc1={}, acc2={}, acc_joint={}, samples={})
             for name, x in xs.items():
                 row["kl"][name] = grid_kl(x, u, d, toy.hist_bins)
-                row["acc1"][name] = float((l1.log_prob(x.double()).argmax(-1) == c1).double().mean())
-                row["acc2"][name] = float((l2.log_prob(x.double()).argmax(-1) == c2).double().mean())
+                ok1 = l1.log_prob(x.double()).argmax(-1) == c1
+                ok2 = l2.log_prob(x.double()).argmax(-1) == c2
+                row["acc1"][name] = float(ok1.double().mean())
+                row["acc2"][name] = float(ok2.double().mean())
+                row["acc_joint"][name] = float((ok1 & ok2).double().mean())
                 row["samples"][name] = x[:300].double().tolist()
             xf = data.sample_target(u, d, n, torch.Generator().manual_seed(seed))
             row["kl"]["exact target (floor)"] = grid_kl(xf, u, d, toy.hist_bins)

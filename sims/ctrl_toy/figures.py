@@ -189,5 +189,5 @@ def fig_two(quick: bool = False):
     fig.suptitle(f"two labels ({res['labels'][0]} x {res['labels'][1]}); grey: exact p(y1|x) p(y2|x) p(x)")
     fig.tight_layout()
     means = {name: float(np.mean([r["kl"][name] for r in rows])) for name in rows[0]["kl"]}
-    acc = {name: float(np.mean([min(r["acc1"][name], 1.0) * r["acc2"][name] for r in rows])) for name in rows[0]["acc1"]}
-    return fig, dict(mean_kl=means, mean_acc1_times_acc2=acc, rows=_strip(rows), train_seconds=res["train_seconds"], config=cfg)
+    acc = {name: float(np.mean([r["acc_joint"][name] for r in rows])) for name in rows[0]["acc_joint"]}
+    return fig, dict(mean_kl=means, mean_joint_accuracy=acc, rows=_strip(rows), train_seconds=res["train_seconds"], config=cfg)
