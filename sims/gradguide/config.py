@@ -74,7 +74,7 @@ class SphereConfig:
     n_steps: int = 200
     sigma_y: float = 0.1
     setup: Setup = field(default_factory=Setup)
-    net: NetConfig = field(default_factory=lambda: NetConfig(data="sphere"))
+    net: NetConfig = field(default_factory=lambda: NetConfig(data="sphere", steps=4000, batch_size=256))
 
 
 # The paper's settings (GRADIENT_GUIDANCE.md table).

@@ -12,7 +12,7 @@ from theory.gradient_guidance import FineTune, default_grid, optimize, r_off
 from theory.solvers import sample
 
 from .config import RunConfig, SphereConfig, Setup
-from .data import basis, objective, pretrained, schedule_of, sphere_data, trained_model
+from .data import basis, objective, pretrained, schedule_of, trained_model
 from .objectives import Linear
 
 __all__ = ["run", "run_sphere", "unguided_pass_time", "pass_times", "converge_round"]
