@@ -1,0 +1,203 @@
+"""Tests of the DRaFT toy (issue 6b): each method raises its reward on a small problem in a few dozen
+steps; LoRA scale 0 is the pre-trained model; the sum of two adapters equals running with both;
+plus closed-form checks of the rewards, the metrics and the LoRA time window."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from theory.nets import DSMConfig
+from theory.solvers import sample
+
+from sims.draft_toy import model as toy
+from sims.draft_toy.configs import METHODS, Method, PretrainConfig, RewardConfig, TrainConfig
+from sims.draft_toy.experiments import LoraWindow, MergedLora, lora_deltas, steered, train_method
+from sims.draft_toy.metrics import evaluate, fixed_noise, mode_counts, spread
+from sims.draft_toy.rewards import QuadraticBowl, Threshold, make_reward
+
+# Tests that need the fine-tuning engine (issue 3: theory/engine.py, theory/lora.py) skip until it exists.
+needs_engine = pytest.mark.skipif(importlib.util.find_spec("theory.engine") is None
+                                  or importlib.util.find_spec("theory.lora") is None,
+                                  reason="theory.engine / theory.lora (issue 3) not present yet")
+
+# A small, quickly trained pre-trained model (cached after the first run) and a 20-step sampler.
+SMALL = PretrainConfig(hidden=64, depth=2, n_steps=20, dsm=DSMConfig(steps=1500, batch_size=256, lr=3e-3, seed=0))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return toy.pretrained(SMALL)
+
+
+# ----------------------------------------------------------------------------- rewards and metrics
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_quadratic_reward_value_and_gradient(seed):
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(2, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    r = QuadraticBowl(c)
+    val = r(x)
+    torch.testing.assert_close(val, -0.5 * ((x - c) ** 2).sum(1), rtol=0, atol=1e-14)
+    (grad,) = torch.autograd.grad(val.sum(), x)
+    torch.testing.assert_close(grad, c - x.detach(), rtol=0, atol=1e-14)  # closed form: c - x
+
+
+def test_threshold_reward_is_indicator_without_gradient():
+    r = Threshold((1.0, 0.0), rho=0.5)
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.49], [1.0, 0.51], [-1.0, 0.0]])
+    assert r(x).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert r.differentiable is False and make_reward("a").differentiable is True
+    with pytest.raises(ValueError, match="rho"):
+        Threshold((0.0, 0.0), rho=0.0)
+    with pytest.raises(ValueError, match="x0"):
+        r(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="name"):
+        make_reward("c")
+
+
+def test_method_validation():
+    with pytest.raises(ValueError, match="kind"):
+        Method("x", "ppo")
+    with pytest.raises(ValueError, match="reward"):
+        Method("x", "draftk", reward="a_threshold")
+
+
+def test_spread_and_modes_closed_form():
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert spread(x) == pytest.approx(1.0, abs=1e-7)  # every point at distance 1 from the mean
+    cfg = PretrainConfig()
+    p = mode_counts(toy.data_law(cfg).means.float(), cfg)
+    assert p.tolist() == [1 / cfg.n_modes] * cfg.n_modes
+
+
+def test_pretrained_model_covers_all_modes(base):
+    out = evaluate(base, n=2000, seed=1, pretrain=SMALL)
+    assert out["modes_covered"] == SMALL.n_modes
+    # spread of the data law: sqrt(R^2 + 2 std^2) = 2.0199. The Monte Carlo standard error of the
+    # spread at n = 2000 is ~0.02; the bound 0.2 (10%) is a claim about the model (fit of a small MLP
+    # and 20-step discretisation; measured 1.905), not a sampling tolerance.
+    assert abs(out["spread"] - math.sqrt(SMALL.radius**2 + 2 * SMALL.mode_std**2)) < 0.2
+
+
+# ----------------------------------------------------------------------------- LoRA identities
+
+
+def _randomise_lora(model, seed, std=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@needs_engine
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_lora_scale_zero_is_pretrained(seed):
+    from theory.lora import set_lora_scale
+
+    base = toy.pretrained(SMALL)
+    m = steered(SMALL, rank=2)
+    _randomise_lora(m, seed)
+    g = torch.Generator().manual_seed(seed)
+    x, t = torch.randn(64, 2, generator=g), torch.rand(64, generator=g)
+    assert not torch.equal(m(x, t), base(x, t))  # the random adapter does change the model
+    set_lora_scale(m, 0.0)
+    assert torch.equal(m(x, t), base(x, t))
+    sch, ts = toy.schedule(SMALL), toy.grid(SMALL)
+    x_T, noise = fixed_noise(32, ts.numel() - 1, seed)
+    a = sample(m, sch, x_T, ts, eta=1.0, noise=noise).x0
+    b = sample(base, sch, x_T, ts, eta=1.0, noise=noise).x0
+    assert torch.equal(a, b)
+
+
+@needs_engine
+def test_sum_of_adapters_equals_running_with_both():
+    """Summing two adapters' LoRA deltas into the weights (MergedLora) equals the engine running both
+    adapters at once (set_active_adapters); float64, so the only error is rounding."""
+    from theory.lora import add_lora, set_active_adapters
+
+    base = copy.deepcopy(toy.pretrained(SMALL)).double()
+    ma, mb = steered(SMALL, rank=2).double(), steered(SMALL, rank=2).double()
+    _randomise_lora(ma, 1)
+    _randomise_lora(mb, 2)
+    dA, dB = lora_deltas(ma), lora_deltas(mb)
+    both = copy.deepcopy(base)
+    add_lora(both, rank=2, adapter_name="a")
+    add_lora(both, rank=2, adapter_name="b")
+    _copy_adapter(ma, both, "a")
+    _copy_adapter(mb, both, "b")
+    set_active_adapters(both, {"a": 1.0, "b": 1.0})
+    merged = MergedLora(base, [(dA, 1.0), (dB, 1.0)])
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(128, 2, generator=g, dtype=torch.float64), torch.rand(128, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(both(x, t), merged(x, t), rtol=1e-12, atol=1e-12)
+    # and the combination differs from either adapter alone
+    set_active_adapters(both, {"a": 1.0})
+    assert (both(x, t) - merged(x, t)).abs().max() > 1e-3
+
+
+def _copy_adapter(src, dst, name):
+    """Copy the 'default' LoRA weights of steered model ``src`` into adapter ``name`` of ``dst``."""
+    s = {n[n.find("net."):]: p for n, p in src.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in dst.named_parameters():
+            if "lora_" in n and f".{name}." in n:
+                key = n[n.find("net."):].replace(f".{name}.", ".default.")
+                p.copy_(s[key])
+
+
+def test_lora_window_uses_finetuned_on_the_right_steps():
+    ts = toy.grid(SMALL)
+    n = ts.numel() - 1
+    seen = []
+
+    def ft(x, t, cond=None):
+        seen.append(("ft", float(t[0])))
+        return torch.zeros_like(x)
+
+    def ref(x, t, cond=None):
+        seen.append(("ref", float(t[0])))
+        return torch.zeros_like(x)
+
+    for m in (0, 3, n):
+        for first in (True, False):
+            seen.clear()
+            sample(LoraWindow(ft, ref, ts, m, first), toy.schedule(SMALL), torch.zeros(2, 2), ts, eta=0.0)
+            who = [w for w, _ in seen]
+            expect = (["ft"] * m + ["ref"] * (n - m)) if first else (["ref"] * (n - m) + ["ft"] * m)
+            assert who == expect
+    with pytest.raises(ValueError, match="m"):
+        LoraWindow(ft, ref, ts, n + 1, True)
+
+
+# ----------------------------------------------------------------------------- each method learns
+
+
+TEST_TRAIN = TrainConfig(batch_size=16, budget=16 * 30, eval_every=16 * 30, n_eval=1024, lora_rank=4)
+
+
+@needs_engine
+@pytest.mark.parametrize("method", [m for m in METHODS if m.label in ("DRaFT", "DRaFT-1", "DRaFT-10", "DRaFT-LV", "ReFL", "DDPO")],
+                         ids=lambda m: m.label)
+def test_each_method_raises_its_reward(method, base):
+    # 30 optimisation steps (DRaFT-LV: 15, it spends two reward queries per sample), lr 1e-2 so that a
+    # few dozen steps move a rank-4 adapter.
+    m = replace(method, k=min(method.k, SMALL.n_steps), lr=1e-2 if method.kind != "ddpo" else 1e-2)
+    _, data = train_method(m, 0, TEST_TRAIN, SMALL, RewardConfig())
+    key = "reward_a_threshold" if m.kind == "ddpo" else "reward_a"
+    before, after = data["curve"][0], data["curve"][-1]
+    # same x_T and noise before and after: the standard error of the difference is at most the sum of
+    # the two standard errors; demand a gain of 4 of those
+    se = before[key + "_se"] + after[key + "_se"]
+    assert after[key] - before[key] > 4 * se, (m.label, before[key], after[key], se)
