@@ -18,8 +18,58 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    p.add_argument("--guide", default=None, metavar="REWARD",
+                   help="guide sampling toward an image reward (colourfulness, brightness) with the look-ahead "
+                        "gradient at Tweedie's x0_hat (G_loss / DPS form; THEORY.md 6-7)")
+    p.add_argument("--guide-scale", type=float, default=1.0, help="strength of --guide")
     p.add_argument("--out", default="runs/sd-sample", help="output folder")
     p.set_defaults(func=run_sample)
+
+    f = sub.add_parser("sd-finetune", help="fine-tune a Stable Diffusion pipeline on an image reward (LoRA)",
+                       description="Reward fine-tuning of a local diffusers SD-style pipeline with the engine of "
+                                   "theory.engine: DRaFT, DRaFT-K, DRaFT-LV, ReFL, adjoint or DDPO, LoRA on the "
+                                   "UNet's attention, optional KL to the pre-trained model (--lam). Checkpoints "
+                                   "atomically into OUT/checkpoint and resumes from it; writes OUT/lora.safetensors, "
+                                   "OUT/history.json and OUT/summary.json.")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy)")
+    src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
+    f.add_argument("--prompt", nargs="+", default=["a photo of a cat"], help="training prompts")
+    f.add_argument("--reward", default="colourfulness", help="colourfulness, brightness or compressibility (DDPO only)")
+    f.add_argument("--method", default="draftk", help="draft, draftk, draftlv, refl, adjoint or ddpo")
+    f.add_argument("--k", default="1", help="DRaFT-K: K, or 'lo,hi' drawn once per sample")
+    f.add_argument("--lv-n", type=int, default=2, help="DRaFT-LV: re-noisings of the final sample")
+    f.add_argument("--steps", type=int, default=100, help="optimisation steps")
+    f.add_argument("--batch-size", type=int, default=2)
+    f.add_argument("--sample-steps", type=int, default=50, help="sampler steps per trajectory")
+    f.add_argument("--eta", type=float, default=0.0, help="DDIM eta (DDPO and --lam > 0 need eta > 0)")
+    f.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
+    f.add_argument("--lam", type=float, default=0.0, help="weight of the path KL to the pre-trained model")
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--lora-rank", type=int, default=4)
+    f.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing of every sampler step")
+    f.add_argument("--ckpt-every", type=int, default=10, help="checkpoint period in steps (0: never)")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    f.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 for the frozen weights")
+    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--out", default="runs/sd-finetune", help="output folder (resumed from if it holds a checkpoint)")
+    f.set_defaults(func=run_finetune_cmd)
+
+
+def run_finetune_cmd(args) -> int:
+    from .finetune import SDFinetuneConfig, run_finetune
+
+    cfg = SDFinetuneConfig(model=args.model, tiny=args.tiny, prompts=tuple(args.prompt), reward=args.reward,
+                           method=args.method, k=args.k, lv_n=args.lv_n, steps=args.steps,
+                           batch_size=args.batch_size, sample_steps=args.sample_steps, eta=args.eta,
+                           guidance_scale=args.guidance_scale, lam=args.lam, lr=args.lr, lora_rank=args.lora_rank,
+                           grad_checkpoint=args.grad_checkpoint, seed=args.seed, out=args.out,
+                           ckpt_every=args.ckpt_every, device=args.device, dtype=args.dtype,
+                           progress=not args.no_progress)
+    s = run_finetune(cfg)
+    print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {args.out}")
+    return 0
 
 
 def run_sample(args) -> int:
@@ -49,9 +99,19 @@ def run_sample(args) -> int:
     g = torch.Generator(device=device).manual_seed(args.seed)
     x = torch.randn((P * args.n, *latent_shape(pipe)), generator=g, device=device, dtype=dtype)
     idx = torch.arange(P, device=device).repeat_interleave(args.n)
+    guidance = None
+    if args.guide is not None:
+        from theory.guidance import dps_guidance
+
+        from .rewards import LatentReward
+
+        reward = LatentReward(pipe, args.guide)
+        if not reward.differentiable:
+            raise ValueError(f"--guide: reward '{args.guide}' has no gradient")
+        guidance = dps_guidance(model, sch, lambda x0, y: reward(x0, y), None, zeta=args.guide_scale, cond=idx)
     with torch.no_grad():
         lat = sample(model, sch, x, scheduler_grid(pipe.scheduler, args.steps), method="ddim", eta=args.eta,
-                     cond=idx, generator=g, progress=True).x0
+                     cond=idx, guidance=guidance, generator=g, progress=True).x0
         imgs = decode_latents(pipe, lat).float().cpu()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
