@@ -82,7 +82,7 @@ class TrainConfig:
 
     batch_size: int = 32
     budget: int = 6400  # reward queries per run
-    eval_every: int = 640  # reward queries between evaluations
+    eval_every: int = 320  # reward queries between evaluations
     n_eval: int = 1024  # samples per evaluation (fixed x_T and noise)
     eta: float = 1.0  # DDIM eta of training and evaluation (1 = ancestral; the path KL needs > 0)
     lora_rank: int = 4
@@ -102,7 +102,7 @@ class CompareConfig:
 
     @classmethod
     def quick(cls) -> "CompareConfig":
-        return cls(seeds=(0, 1), train=replace(TrainConfig(), budget=2560, eval_every=512, n_eval=512))
+        return cls(seeds=(0, 1), train=replace(TrainConfig(), budget=2560, eval_every=256, n_eval=512))
 
 
 @dataclass(frozen=True)

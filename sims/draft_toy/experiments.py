@@ -31,7 +31,7 @@ from .metrics import evaluate, fixed_noise
 from .rewards import make_reward
 
 __all__ = ["strategy_of", "steered", "train_method", "compare", "grad_vs_k", "LoraWindow",
-           "lora_analysis", "diversity", "queries_to_reach", "summarise_compare"]
+           "lora_analysis", "diversity", "queries_to_reach", "summarise_compare", "speedup", "claims"]
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -174,6 +174,64 @@ def summarise_compare(data: dict, key: str = "reward_a") -> dict:
                            gain_auc=auc, queries_to_half_best_gain=queries_to_reach(q, mean, half),
                            wall_time_s=float(W[:, -1].mean()), queries=float(q[-1]))
     return {"key": key, "pretrained": r0, "half_level": half, "methods": summ}
+
+
+def speedup(data: dict, fast: str, slow: str, key: str = "reward_a", fractions=(0.25, 0.5, 0.75),
+            axis: str = "queries") -> dict:
+    """How many times fewer reward queries (``axis='queries'``), optimisation steps (``'steps'``) or
+    seconds of training (``'wall_time'``) method ``fast`` needs than method ``slow`` to reach the levels
+    r0 + f (final_slow - r0), f in ``fractions``, where r0 is the pre-trained value and final_slow the
+    mean final value of ``slow``. Ratios > 1 mean ``fast`` is faster. Computed on the mean curves over
+    seeds (``ratio``) and seed by seed (``per_seed``, seed i of one against seed i of the other; inf or
+    nan when a seed never reaches the level)."""
+    if axis not in ("queries", "steps", "wall_time"):
+        raise ValueError(f"axis: use 'queries', 'steps' or 'wall_time', got {axis!r}")
+    runs_f, runs_s = data["runs"][fast], data["runs"][slow]
+
+    def xs(runs):
+        if axis == "wall_time":
+            return torch.tensor([[c["wall_time"] for c in r["curve"]] for r in runs], dtype=torch.float64)
+        return torch.tensor([[c[axis if axis == "queries" else "step"] for c in r["curve"]] for r in runs],
+                            dtype=torch.float64)
+
+    Yf = torch.tensor([[c[key] for c in r["curve"]] for r in runs_f], dtype=torch.float64)
+    Ys = torch.tensor([[c[key] for c in r["curve"]] for r in runs_s], dtype=torch.float64)
+    Xf, Xs = xs(runs_f), xs(runs_s)
+    r0 = float(torch.cat([Yf[:, 0], Ys[:, 0]]).mean())
+    final_s = float(Ys[:, -1].mean())
+    out = {"fast": fast, "slow": slow, "key": key, "axis": axis, "r0": r0, "final_slow": final_s, "levels": []}
+    for f in fractions:
+        lvl = r0 + f * (final_s - r0)
+        qf = queries_to_reach(Xf.mean(0), Yf.mean(0), lvl)
+        qs = queries_to_reach(Xs.mean(0), Ys.mean(0), lvl)
+        per = []
+        for i in range(min(len(runs_f), len(runs_s))):
+            a, b = queries_to_reach(Xf[i], Yf[i], lvl), queries_to_reach(Xs[i], Ys[i], lvl)
+            per.append(b / a if a > 0 and math.isfinite(a) else (math.inf if a == 0 else math.nan))
+        out["levels"].append(dict(fraction=f, level=lvl, fast=qf, slow=qs,
+                                  ratio=(qs / qf) if qf > 0 and math.isfinite(qf) else math.nan, per_seed=per))
+    return out
+
+
+def claims(data: dict) -> dict:
+    """The comparisons behind issue 6(a), from a ``compare`` result:
+    truncation vs the whole chain (DRaFT-K against DRaFT, per query); DRaFT-LV against DRaFT-1 (per query,
+    per step and per second); gradient methods against DDPO on DDPO's own (threshold) reward, per query:
+    the levels are fractions of DDPO's final gain, so the ratio says how many times fewer queries the
+    gradient method needs to get as far as DDPO does on the whole budget."""
+    labels = set(data["runs"])
+    out = {"truncation_vs_full": {}, "lv_vs_1": {}, "gradient_vs_ddpo": {}}
+    if "DRaFT" in labels:
+        for lab in sorted(labels):
+            if lab.startswith("DRaFT-") and lab != "DRaFT-LV":
+                out["truncation_vs_full"][lab] = speedup(data, lab, "DRaFT")
+    if {"DRaFT-LV", "DRaFT-1"} <= labels:
+        for ax in ("queries", "steps", "wall_time"):
+            out["lv_vs_1"][ax] = speedup(data, "DRaFT-LV", "DRaFT-1", axis=ax)
+    if "DDPO" in labels:
+        for lab in sorted(labels - {"DDPO"}):
+            out["gradient_vs_ddpo"][lab] = speedup(data, lab, "DDPO", key="reward_a_threshold")
+    return out
 
 
 # ----------------------------------------------------------------------------- 2. gradients against K

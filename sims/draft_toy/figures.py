@@ -13,7 +13,8 @@ import numpy as np
 from sims.registry import figure
 
 from .configs import CompareConfig, DiversityConfig, GradKConfig, LoraConfig
-from .experiments import compare, diversity, grad_vs_k, lora_analysis, summarise_compare
+from .experiments import claims, compare, diversity, grad_vs_k, lora_analysis, summarise_compare
+from .metrics import kl_regularised_optimum
 
 _COLORS = {"DRaFT": "C0", "DRaFT-1": "C1", "DRaFT-5": "C2", "DRaFT-10": "C3", "DRaFT-50": "C4",
            "DRaFT-LV": "C5", "ReFL": "C6", "DDPO": "C7"}
@@ -51,6 +52,7 @@ def fig_compare(quick: bool = False):
     fig.tight_layout()
     numbers = {"summary_reward_a": summarise_compare(data, "reward_a"),
                "summary_threshold": summarise_compare(data, "reward_a_threshold"),
+               "claims": claims(data),
                "curves": {k: [r["curve"] for r in v] for k, v in data["runs"].items()},
                "config": data["config"]}
     return fig, numbers
@@ -128,6 +130,13 @@ def fig_diversity(quick: bool = False):
             ax.plot(q, [c[key] for c in run["curve"]], "o-", ms=3, label=label, color=f"C{i}")
         S = np.array(run["final_samples"])
         axes[4].scatter(S[:, 0], S[:, 1], s=3, alpha=0.5, color=f"C{i}", label=label)
+        lam = run["method"]["lam"]
+        if lam > 0:  # the exact KL-regularised optimum of this lam (THEORY.md 4-5)
+            opt = kl_regularised_optimum(lam, "a", cfg.pretrain, cfg.rewards)
+            opt.pop("law")
+            d.setdefault("optimum", {})[label] = opt
+            axes[0].axhline(opt["reward"], color=f"C{i}", ls=":", lw=1)
+            axes[3].axhline(opt["kl"], color=f"C{i}", ls=":", lw=1)
     for ax, t in zip(axes, ["reward A", "spread sqrt(tr Cov)", "modes with >= 2% of samples",
                             "path KL to pre-trained", "final samples"]):
         ax.set(title=t)
@@ -135,6 +144,6 @@ def fig_diversity(quick: bool = False):
         ax.set_xlabel("reward queries")
     axes[3].set_yscale("symlog")
     axes[4].set_aspect("equal")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title="dotted: exact optimum of lam", title_fontsize=7)
     fig.tight_layout()
     return fig, d

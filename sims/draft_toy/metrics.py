@@ -17,7 +17,7 @@ from . import model as toy
 from .configs import PretrainConfig, RewardConfig
 from .rewards import make_reward
 
-__all__ = ["fixed_noise", "evaluate", "spread", "mode_counts"]
+__all__ = ["fixed_noise", "evaluate", "spread", "mode_counts", "kl_regularised_optimum"]
 
 
 def fixed_noise(n: int, n_steps: int, seed: int, dtype=torch.float32):
@@ -38,6 +38,35 @@ def mode_counts(x: torch.Tensor, cfg: PretrainConfig = PretrainConfig()) -> torc
     means = toy.data_law(cfg).means.to(x)
     k = torch.cdist(x, means).argmin(1)
     return torch.bincount(k, minlength=cfg.n_modes).to(torch.float64) / x.shape[0]
+
+
+def kl_regularised_optimum(lam: float, reward: str = "a", pretrain: PretrainConfig = PretrainConfig(),
+                           rewards: RewardConfig = RewardConfig()) -> dict:
+    """The exact optimum of max_p E_p[r] - lam KL(p || p_0) over laws of x0, for the ring law p_0 and a
+    quadratic reward (THEORY.md 4-5): p* = p_0 exp(r/lam) / Z is again a Gaussian mixture
+    (``GaussianMixture.tilted``), and
+
+        E_{p*}[r] = sum_k w_k * (-1/2) ((m_k - c).Q(m_k - c) + tr(Q C_k)),
+        KL(p* || p_0) = E_{p*}[r] / lam - log Z,     objective = E_{p*}[r] - lam KL = lam log Z.
+
+    The fine-tuned sampler's objective uses the discretised path KL, which is >= the KL of its final
+    marginal (data processing), and its reference is the trained model, not p_0; so lam log Z is an
+    approximate upper bound of what a fine-tune can reach, and E_{p*}[r], KL(p*||p_0) the point it
+    should approach."""
+    if lam <= 0:
+        raise ValueError(f"lam: the KL-regularised optimum needs lam > 0, got {lam}")
+    r = make_reward(reward, rewards)
+    if not hasattr(r, "exact"):
+        raise ValueError(f"reward: {reward!r} has no closed-form tilt; use 'a' or 'b'")
+    ex = r.exact()
+    law = toy.data_law(pretrain)
+    tilted = law.tilted(ex, lam)
+    d = tilted.means - ex.m
+    per_comp = -0.5 * (torch.einsum("ki,ij,kj->k", d, ex.Q, d) + torch.einsum("ij,kji->k", ex.Q, tilted.covs))
+    mean_r = float(tilted.weights @ per_comp)
+    log_z = float(law.log_normaliser(ex, lam))
+    return {"lam": float(lam), "reward": mean_r, "kl": mean_r / lam - log_z, "objective": lam * log_z,
+            "log_z": log_z, "law": tilted}
 
 
 @torch.no_grad()

@@ -13,7 +13,9 @@ __all__ = ["QuadraticBowl", "Threshold", "make_reward", "SumReward"]
 
 
 class QuadraticBowl:
-    """r(x) = -|x - c|^2 / 2, maximal (0) at c; gradient c - x."""
+    """r(x) = -|x - c|^2 / 2, maximal (0) at c; gradient c - x. It is ``theory.exact.QuadraticReward``
+    with Q = I and m = c (``.exact()``), whose closed-form tilts give the KL-regularised optimum
+    (THEORY.md 4-5)."""
 
     differentiable = True
 
@@ -27,6 +29,12 @@ class QuadraticBowl:
         if x0.ndim != 2 or x0.shape[1] != self.center.numel():
             raise ValueError(f"x0: {self.__name__} expects shape (B, {self.center.numel()}), got {tuple(x0.shape)}")
         return -0.5 * ((x0 - self.center.to(x0)) ** 2).sum(1)
+
+    def exact(self):
+        """The same reward as ``theory.exact.QuadraticReward(I, c)`` (closed-form tilts, float64)."""
+        from theory.exact import QuadraticReward
+
+        return QuadraticReward(torch.eye(self.center.numel(), dtype=torch.float64), self.center)
 
 
 class Threshold:

@@ -52,6 +52,37 @@ def test_quadratic_reward_value_and_gradient(seed):
     torch.testing.assert_close(grad, c - x.detach(), rtol=0, atol=1e-14)  # closed form: c - x
 
 
+def test_quadratic_bowl_is_the_exact_quadratic_reward():
+    r = make_reward("a")
+    x = torch.randn(50, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(r(x), r.exact()(x), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("lam", [0.1, 1.0])
+def test_kl_regularised_optimum_monte_carlo(lam):
+    """E_{p*}[r] and KL(p*||p_0) = E_{p*}[log p* - log p_0] by Monte Carlo on samples of the tilted law
+    (n = 40000); tolerance 5 standard errors of each Monte Carlo mean (std / sqrt(n)). And the
+    objective lam log Z is the maximum: the pre-trained law itself (KL 0) scores E_{p_0}[r] < lam log Z."""
+    from sims.draft_toy.metrics import kl_regularised_optimum
+
+    opt = kl_regularised_optimum(lam)
+    law, p0 = opt["law"], toy.data_law()
+    n = 40_000
+    x = law.sample(n, generator=torch.Generator().manual_seed(1))
+    t0 = torch.zeros(n, dtype=torch.float64)
+    r = make_reward("a")(x)
+    assert abs(float(r.mean()) - opt["reward"]) < 5 * float(r.std()) / math.sqrt(n)
+    llr = law.log_prob(x, t0) - p0.log_prob(x, t0)
+    assert abs(float(llr.mean()) - opt["kl"]) < 5 * float(llr.std()) / math.sqrt(n)
+    assert opt["objective"] == pytest.approx(opt["reward"] - lam * opt["kl"], abs=1e-10)
+    r0 = make_reward("a")(p0.sample(n, generator=torch.Generator().manual_seed(2)))
+    assert float(r0.mean()) + 5 * float(r0.std()) / math.sqrt(n) < opt["objective"]
+    with pytest.raises(ValueError, match="lam"):
+        kl_regularised_optimum(0.0)
+    with pytest.raises(ValueError, match="reward"):
+        kl_regularised_optimum(1.0, reward="a_threshold")
+
+
 def test_threshold_reward_is_indicator_without_gradient():
     r = Threshold((1.0, 0.0), rho=0.5)
     x = torch.tensor([[1.0, 0.0], [1.0, 0.49], [1.0, 0.51], [-1.0, 0.0]])
