@@ -53,6 +53,15 @@ class CTRLConfig:
     k: int | None = None
     seed: int = 0
 
+    def __post_init__(self):
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0 and self.gamma < float("inf")):
+            raise ValueError(f"gamma: the guidance strength must be a finite number > 0, got {self.gamma!r}")
+        for name in ("steps", "batch_size", "n_steps"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.k is not None and not 1 <= int(self.k) <= self.n_steps:
+            raise ValueError(f"k: truncation must be in [1, n_steps={self.n_steps}] or None (whole chain), got {self.k}")
+
 
 @dataclass(frozen=True)
 class CFGConfig:
@@ -97,6 +106,11 @@ class EfficiencyConfig:
     sizes: tuple = (50, 200, 1000, 5000)
     seeds: tuple = (0, 1, 2)
 
+    def __post_init__(self):
+        bad = [n for n in self.sizes if int(n) < 2]
+        if bad:
+            raise ValueError(f"sizes: offline sets need >= 2 pairs (and every class present), got {bad}")
+
     @classmethod
     def quick(cls) -> "EfficiencyConfig":
         return cls(base=replace(CompareConfig.quick(), labels=("component",), n_eval=300),
@@ -110,6 +124,11 @@ class GammaConfig:
 
     base: CompareConfig = CompareConfig(labels=("soft",))
     gammas: tuple = (0.5, 1.0, 2.0, 4.0)
+
+    def __post_init__(self):
+        bad = [g for g in self.gammas if not g > 0]
+        if bad:
+            raise ValueError(f"gammas: every inference strength must be > 0, got {bad}")
 
     @classmethod
     def quick(cls) -> "GammaConfig":

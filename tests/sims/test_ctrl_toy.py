@@ -63,6 +63,26 @@ def test_bad_inputs_raise_clear_errors():
 
     with pytest.raises(ValueError, match="gamma"):
         train_ctrl(m, ClassifierReward(lab.log_prob), CTRLConfig(gamma=0.0, steps=1), TOY)
+    from sims.ctrl_toy.configs import EfficiencyConfig, GammaConfig
+    from theory.classifiers import ClassifierMLP, fit_mle, fit_temperature
+
+    with pytest.raises(ValueError, match="gammas"):
+        GammaConfig(gammas=(1.0, -0.5))
+    with pytest.raises(ValueError, match="k: truncation"):
+        CTRLConfig(k=0)
+    with pytest.raises(ValueError, match="sizes"):
+        EfficiencyConfig(sizes=(1, 50))
+    with pytest.raises(ValueError, match="w"):
+        m.cfg(-1.0)
+    # a label outside the classifier's classes, and a class missing, in training and in calibration data
+    clf = ClassifierMLP(2, 4)
+    xs = torch.randn(8, 2)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fit_mle(clf, xs, torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]))
+    with pytest.raises(ValueError, match="missing"):
+        fit_mle(clf, xs, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="missing"):
+        fit_temperature(clf, xs, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
 
 
 def test_augmented_model_init_null_and_cfg():
@@ -164,23 +184,26 @@ def test_figures_registered():
         assert name in FIGURES
 
 
-def test_temperature_scaling_on_toy_offline_set():
-    """Must-be-true (b), as measured: 'soft' label, 400 offline pairs (100 held out), MLE then temperature
-    scaling (T = 2.45). Measured: calibration-split ECE 0.142 -> 0.110; fresh-pair NLL 1.396 -> 1.019 (Bayes
-    NLL 0.661; the MC SE of a 5000-pair NLL difference is < 0.01, the threshold 0.01 is ~38x below the drop).
-    The ECE on fresh pairs does NOT drop here (0.082 -> 0.146; docs/readme_ctrl.md): one NLL-fitted temperature
-    is not ECE-optimal for an MLP that is over-confident only in the tails."""
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_temperature_scaling_on_toy_offline_set(seed):
+    """Must-be-true (b) on FRESH held-out data (5000 pairs never seen by the classifier nor by the temperature
+    fit), in the regime where the MLE classifier is over-confident: 'soft' label, 200 offline pairs (150 to fit,
+    50 to fit T). Measured over seeds 0-9 (docs/readme_ctrl.md): T = 2.6-20, fresh ECE drops on 10/10 seeds by
+    0.026-0.13, fresh NLL drops on 10/10. Threshold: ECE drop > 0.02, about 3 standard errors of a 5000-pair ECE
+    (sqrt(0.25 / 5000) = 0.007); NLL drop > 0.05 (its SE on 5000 pairs is < 0.02). NOT asserted because it does
+    not hold: with 400 pairs (T ~ 1.5-4) the fresh ECE rises on 7/10 seeds although the NLL drops on 10/10 -
+    one NLL-optimal temperature over-softens the bulk to fix over-confident tails."""
     from theory.classifiers import ClassifierMLP, FitConfig, expected_calibration_error, fit_mle, fit_temperature
 
     lab = data.true_label("soft", TOY)
-    x, y = data.offline_set("soft", 400, 0, TOY)
-    (xt, yt), (xv, yv) = data.split(x, y, 0.25, lab.n_classes, 0)
+    x, y = data.offline_set("soft", 200, seed, TOY)
+    (xt, yt), (xv, yv) = data.split(x, y, 0.25, lab.n_classes, seed)
     clf = ClassifierMLP(2, lab.n_classes)
-    fit_mle(clf, xt, yt, FitConfig(steps=1500, seed=0))
+    fit_mle(clf, xt, yt, FitConfig(steps=1500, seed=seed))
     xe, ye = data.offline_set("soft", 5000, 99, TOY)
-    v0, n0 = expected_calibration_error(clf(xv), yv), float(-clf.log_lik(xe, ye).mean())
+    e0, n0 = expected_calibration_error(clf(xe), ye), float(-clf.log_lik(xe, ye).mean())
     T = fit_temperature(clf, xv, yv)
-    v1, n1 = expected_calibration_error(clf(xv), yv), float(-clf.log_lik(xe, ye).mean())
+    e1, n1 = expected_calibration_error(clf(xe), ye), float(-clf.log_lik(xe, ye).mean())
     assert T > 1.0  # the MLE classifier is over-confident
-    assert v1 < v0
-    assert n1 < n0 - 0.01
+    assert e1 < e0 - 0.02
+    assert n1 < n0 - 0.05
