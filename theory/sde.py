@@ -1,0 +1,153 @@
+"""The reverse SDE of ``theory.solvers`` (method 'em') run through torchsde (THEORY.md section 3).
+
+    dX = [-1/2 beta X - beta (score(X, t) + guidance(X, t))] dt + sqrt(beta) dW-bar      (t: T -> 0)
+
+torchsde integrates forward in its own time, so the SDE is written in the grid's index variable:
+tau in [0, n] with t(tau) piecewise linear through the (refined) grid, t(i) = ts[i], dt/dtau = -h_i on
+(i, i+1), h_i = ts[i] - ts[i+1] > 0. By the time change of Brownian motion (W_t = sqrt(h_i) W_tau on
+each piece) the same process reads
+
+    dX = h_i [1/2 beta X + beta (score + guidance)] dtau + sqrt(h_i beta) dW_tau,
+
+and torchsde's Euler scheme with dtau = 1 is exactly ``solvers.em_step`` on the same grid: identical in
+law to ``sample(..., method='em')`` (test h). ``adjoint=True`` uses ``torchsde.sdeint_adjoint`` (Li et
+al. 2020, stochastic adjoint): gradients w.r.t. the model's trainable parameters (and x_T) come from a
+backward SDE solve on the same Brownian path, so memory does not grow with the number of steps; they
+are the continuous-time adjoint's gradients, equal to the discrete ones only as the grid refines.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torchsde
+from torch import nn
+
+from .schedules import NoiseSchedule, append_dims
+from .solvers import _make_eps_fn, check_grid
+
+__all__ = ["ReverseSDE", "sdeint", "refine_grid", "brownian"]
+
+
+def refine_grid(ts: torch.Tensor, dt: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split each step of the descending grid ``ts`` into ceil(h_i / dt) equal sub-steps.
+
+    Returns (fine grid, indices of the original grid points in the fine grid). dt = None keeps ts."""
+    if dt is None:
+        return ts, torch.arange(ts.numel())
+    if not dt > 0:
+        raise ValueError(f"dt: must be > 0 (a step size in t), got {dt}")
+    pieces, idx, k = [ts[:1]], [0], 0
+    for a, b in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        m = max(1, math.ceil((a - b) / dt - 1e-9))
+        pieces.append(torch.linspace(a, b, m + 1, dtype=ts.dtype)[1:])
+        k += m
+        idx.append(k)
+    return torch.cat(pieces), torch.tensor(idx)
+
+
+class ReverseSDE(nn.Module):
+    """The reverse-time VP SDE in the index time tau of a descending grid (module docstring).
+
+    A torchsde SDE (noise_type 'diagonal', sde_type 'ito') on flattened states (B, D); ``shape`` is the
+    per-sample shape the eps model sees. The model (and guidance, if a module) are submodules, so
+    ``adjoint_params`` defaults to their trainable parameters."""
+
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def __init__(self, model, schedule: NoiseSchedule, ts: torch.Tensor, shape: Sequence[int], cond=None,
+                 guidance=None):
+        super().__init__()
+        self.model = model if isinstance(model, nn.Module) else None
+        self.guidance_module = guidance if isinstance(guidance, nn.Module) else None
+        self._eps_fn = _make_eps_fn(model, schedule, cond, guidance)
+        self.schedule = schedule
+        self.register_buffer("ts", ts, persistent=False)
+        self.h = ts[:-1] - ts[1:]
+        self.shape = tuple(shape)
+        self.n = ts.numel() - 1
+
+    def _piece(self, tau: torch.Tensor, dtype):
+        i = torch.clamp(torch.floor(tau.detach().to(torch.float64)).long(), 0, self.n - 1)
+        h = self.h[i]
+        t = self.ts[i] - (tau.to(torch.float64) - i) * h
+        return torch.clamp(t, min=0.0).to(dtype), h.to(dtype)
+
+    def f(self, tau, y):
+        """Drift h_i [1/2 beta x + beta score_total] (THEORY.md 3, reversed)."""
+        t, h = self._piece(tau, y.dtype)
+        B = y.shape[0]
+        x = y.reshape((B,) + self.shape)
+        tt = t.expand(B)
+        eps = self._eps_fn(x, tt)
+        sig = self.schedule.sigma(tt).to(y.dtype)
+        b = self.schedule.beta(tt).to(y.dtype)
+        score = -eps / append_dims(sig, x)
+        return (h * append_dims(b, x) * (0.5 * x + score)).reshape(B, -1)
+
+    def g(self, tau, y):
+        """Diagonal diffusion sqrt(h_i beta(t))."""
+        t, h = self._piece(tau, y.dtype)
+        b = self.schedule.beta(t).to(y.dtype)
+        return torch.sqrt(h * b).expand_as(y)
+
+
+def brownian(x_T: torch.Tensor, n_steps: int, generator: Optional[torch.Generator] = None,
+             entropy: Optional[int] = None) -> torchsde.BrownianInterval:
+    """A torchsde Brownian motion over the internal time [0, n_steps] for a batch like x_T (flattened)."""
+    if entropy is None:
+        entropy = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    B = x_T.shape[0]
+    return torchsde.BrownianInterval(t0=0.0, t1=float(n_steps), size=(B, x_T[0].numel()), dtype=x_T.dtype,
+                                     device=x_T.device, entropy=entropy)
+
+
+def sdeint(
+    model,
+    schedule: NoiseSchedule,
+    x_T: torch.Tensor,
+    ts: Union[torch.Tensor, Sequence[float]],
+    *,
+    cond=None,
+    guidance=None,
+    dt: Optional[float] = None,
+    adjoint: bool = False,
+    bm=None,
+    generator: Optional[torch.Generator] = None,
+    method: str = "euler",
+    adjoint_method: Optional[str] = None,
+    return_states: bool = False,
+):
+    """Integrate the reverse SDE from x_T at ts[0] down to ts[-1] with torchsde.
+
+    Args:
+        model, schedule, x_T, ts, cond, guidance: as in ``theory.solvers.sample``.
+        dt: sub-step size in t; each grid step is split into ceil(h/dt) equal sub-steps. None: one
+            Euler step per grid step (then identical in law to ``sample(method='em')``).
+        adjoint: use ``torchsde.sdeint_adjoint``; gradients flow to the trainable parameters of
+            ``model`` (and of ``guidance`` if it is a module) and to x_T, memory independent of steps.
+        bm: a torchsde Brownian motion over the internal time [0, n_fine] of shape (B, D) (see
+            ``brownian``/``refine_grid``); default a ``BrownianInterval`` seeded from ``generator``.
+        method: torchsde method for diagonal Ito noise ('euler', 'milstein', 'srk').
+        return_states: return the states at every time of ``ts`` (len(ts), B, ...) instead of x0.
+    """
+    ts = check_grid(ts, schedule).to(device=x_T.device)
+    fine, idx = refine_grid(ts, dt)
+    n = fine.numel() - 1
+    B = x_T.shape[0]
+    sde = ReverseSDE(model, schedule, fine, x_T.shape[1:], cond=cond, guidance=guidance)
+    if bm is None:
+        bm = brownian(x_T, n, generator)
+    taus = torch.arange(n + 1, dtype=x_T.dtype, device=x_T.device)
+    y0 = x_T.reshape(B, -1)
+    if adjoint:
+        params = tuple(p for p in sde.parameters() if p.requires_grad)
+        ys = torchsde.sdeint_adjoint(sde, y0, taus, bm=bm, dt=1.0, method=method, adjoint_method=adjoint_method,
+                                     adjoint_params=params)
+    else:
+        ys = torchsde.sdeint(sde, y0, taus, bm=bm, dt=1.0, method=method)
+    if return_states:
+        return ys[idx.to(ys.device)].reshape((len(idx),) + tuple(x_T.shape))
+    return ys[-1].reshape(x_T.shape)
