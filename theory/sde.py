@@ -58,15 +58,17 @@ class ReverseSDE(nn.Module):
     sde_type = "ito"
 
     def __init__(self, model, schedule: NoiseSchedule, ts: torch.Tensor, shape: Sequence[int], cond=None,
-                 guidance=None):
+                 guidance=None, reference=None):
         super().__init__()
         self.model = model if isinstance(model, nn.Module) else None
         self.guidance_module = guidance if isinstance(guidance, nn.Module) else None
         self._eps_fn = _make_eps_fn(model, schedule, cond, guidance)
+        self._ref_fn = _make_eps_fn(reference, schedule, cond, None) if reference is not None else None
+        self.shape = tuple(shape)
+        self.D = int(math.prod(self.shape))
         self.schedule = schedule
         self.register_buffer("ts", ts, persistent=False)
         self.h = ts[:-1] - ts[1:]
-        self.shape = tuple(shape)
         self.n = ts.numel() - 1
 
     def _piece(self, tau: torch.Tensor, dtype):
@@ -76,31 +78,41 @@ class ReverseSDE(nn.Module):
         return torch.clamp(t, min=0.0).to(dtype), h.to(dtype)
 
     def f(self, tau, y):
-        """Drift h_i [1/2 beta x + beta score_total] (THEORY.md 3, reversed)."""
+        """Drift h_i [1/2 beta x + beta score_total] (THEORY.md 3, reversed). With a reference model the
+        state carries one more coordinate, the Girsanov path KL (THEORY.md 4), whose rate is
+        h_i * 1/2 |u|^2 / beta = h_i * 1/2 beta |score_total - score_ref|^2."""
         t, h = self._piece(tau, y.dtype)
         B = y.shape[0]
-        x = y.reshape((B,) + self.shape)
+        x = y[:, : self.D].reshape((B,) + self.shape)
         tt = t.expand(B)
         eps = self._eps_fn(x, tt)
-        sig = self.schedule.sigma(tt).to(y.dtype)
-        b = self.schedule.beta(tt).to(y.dtype)
-        score = -eps / append_dims(sig, x)
-        return (h * append_dims(b, x) * (0.5 * x + score)).reshape(B, -1)
+        sig = append_dims(self.schedule.sigma(tt).to(y.dtype), x)
+        b = append_dims(self.schedule.beta(tt).to(y.dtype), x)
+        drift = (h * b * (0.5 * x - eps / sig)).reshape(B, -1)
+        if self._ref_fn is None:
+            return drift
+        du = (self._ref_fn(x, tt) - eps) / sig  # score_total - score_ref
+        kl_rate = 0.5 * h * (b * du**2).reshape(B, -1).sum(1, keepdim=True)
+        return torch.cat([drift, kl_rate], dim=1)
 
     def g(self, tau, y):
-        """Diagonal diffusion sqrt(h_i beta(t))."""
+        """Diagonal diffusion sqrt(h_i beta(t)) (zero on the KL coordinate)."""
         t, h = self._piece(tau, y.dtype)
         b = self.schedule.beta(t).to(y.dtype)
-        return torch.sqrt(h * b).expand_as(y)
+        out = torch.sqrt(h * b).expand(y.shape[0], self.D)
+        if self._ref_fn is None:
+            return out
+        return torch.cat([out, torch.zeros_like(y[:, self.D:])], dim=1)
 
 
 def brownian(x_T: torch.Tensor, n_steps: int, generator: Optional[torch.Generator] = None,
-             entropy: Optional[int] = None) -> torchsde.BrownianInterval:
-    """A torchsde Brownian motion over the internal time [0, n_steps] for a batch like x_T (flattened)."""
+             entropy: Optional[int] = None, extra: int = 0) -> torchsde.BrownianInterval:
+    """A torchsde Brownian motion over the internal time [0, n_steps] for a batch like x_T (flattened,
+    plus ``extra`` coordinates: 1 when a reference model adds the path-KL coordinate)."""
     if entropy is None:
         entropy = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     B = x_T.shape[0]
-    return torchsde.BrownianInterval(t0=0.0, t1=float(n_steps), size=(B, x_T[0].numel()), dtype=x_T.dtype,
+    return torchsde.BrownianInterval(t0=0.0, t1=float(n_steps), size=(B, x_T[0].numel() + extra), dtype=x_T.dtype,
                                      device=x_T.device, entropy=entropy)
 
 
@@ -118,6 +130,7 @@ def sdeint(
     generator: Optional[torch.Generator] = None,
     method: str = "euler",
     adjoint_method: Optional[str] = None,
+    reference=None,
     return_states: bool = False,
 ):
     """Integrate the reverse SDE from x_T at ts[0] down to ts[-1] with torchsde.
@@ -131,23 +144,36 @@ def sdeint(
         bm: a torchsde Brownian motion over the internal time [0, n_fine] of shape (B, D) (see
             ``brownian``/``refine_grid``); default a ``BrownianInterval`` seeded from ``generator``.
         method: torchsde method for diagonal Ito noise ('euler', 'milstein', 'srk').
+        reference: eps model of the pre-trained process; then the continuous path KL
+            1/2 int |u|^2 / beta dt (Girsanov, THEORY.md 4) is integrated alongside (an extra state
+            coordinate with zero noise) and ``(x0, kl)`` is returned, kl of shape (B,) (with
+            ``return_states``: (states, kl at every time of ts)). Gradients flow through it under the
+            adjoint too.
         return_states: return the states at every time of ``ts`` (len(ts), B, ...) instead of x0.
     """
     ts = check_grid(ts, schedule).to(device=x_T.device)
     fine, idx = refine_grid(ts, dt)
     n = fine.numel() - 1
     B = x_T.shape[0]
-    sde = ReverseSDE(model, schedule, fine, x_T.shape[1:], cond=cond, guidance=guidance)
+    sde = ReverseSDE(model, schedule, fine, x_T.shape[1:], cond=cond, guidance=guidance, reference=reference)
+    extra = 0 if reference is None else 1
     if bm is None:
-        bm = brownian(x_T, n, generator)
+        bm = brownian(x_T, n, generator, extra=extra)
     taus = torch.arange(n + 1, dtype=x_T.dtype, device=x_T.device)
     y0 = x_T.reshape(B, -1)
+    if extra:
+        y0 = torch.cat([y0, torch.zeros(B, 1, dtype=y0.dtype, device=y0.device)], dim=1)
     if adjoint:
         params = tuple(p for p in sde.parameters() if p.requires_grad)
         ys = torchsde.sdeint_adjoint(sde, y0, taus, bm=bm, dt=1.0, method=method, adjoint_method=adjoint_method,
                                      adjoint_params=params)
     else:
         ys = torchsde.sdeint(sde, y0, taus, bm=bm, dt=1.0, method=method)
-    if return_states:
-        return ys[idx.to(ys.device)].reshape((len(idx),) + tuple(x_T.shape))
-    return ys[-1].reshape(x_T.shape)
+    ys = ys[idx.to(ys.device)]
+    D = sde.D
+    states = ys[..., :D].reshape((len(idx),) + tuple(x_T.shape))
+    out = states if return_states else states[-1]
+    if reference is None:
+        return out
+    kl = ys[..., D]
+    return out, (kl if return_states else kl[-1])
