@@ -223,7 +223,8 @@ def sample(
             per-sample K (drawn once per sample by the caller). None: through every step.
         checkpoint: gradient checkpointing of every step with gradients.
         reference: eps model of the pre-trained process; accumulates the per-sample discretised path KL
-            sum_steps |mean - mean_ref|^2 / (2 std^2), summed over dimensions (THEORY.md 4).
+            sum_steps |mean - mean_ref|^2 / (2 std^2), summed over dimensions (THEORY.md 4); deterministic
+            steps (std = 0, e.g. DDPM's last step into t = 0) contribute nothing.
         keep_states / return_transitions: also return every state / every (mean, std).
     """
     if method not in SOLVERS:
@@ -262,7 +263,10 @@ def sample(
         kl = None
         if ref_fn is not None:
             mean_ref, _ = step_fn(x, t, s, ref_fn, schedule, **kw)
-            kl = (((mean - mean_ref) / std) ** 2).flatten(1).sum(1) / 2
+            # a deterministic step (std = 0: DDPM/DDIM's last step into t = 0) has no density; it carries
+            # no KL term, so the sum is the path KL of the chain up to its last stochastic state
+            safe = torch.where(std > 0, std, torch.ones_like(std))
+            kl = (torch.where(std > 0, (mean - mean_ref) / safe, torch.zeros_like(mean)) ** 2).flatten(1).sum(1) / 2
         x_next = mean + std * z if stochastic else mean
         return x_next, mean, std, kl
 
