@@ -296,7 +296,7 @@ def sample(
             if per_sample_k is not None:  # stop-gradient for samples whose K has not started yet
                 keep = (i >= n - per_sample_k).view((B,) + (1,) * (x.ndim - 1))
                 x = torch.where(keep, x, x.detach())
-            if i == first_grad:
+            if i == first_grad and grad_steps is not None:  # truncation; the full chain keeps d/dx_T
                 x = x.detach()
             if checkpoint and torch.is_grad_enabled():
                 out = _checkpoint(one_step, x, t, s, z, use_reentrant=False)
