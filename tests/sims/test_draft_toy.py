@@ -4,7 +4,6 @@ plus closed-form checks of the rewards, the metrics and the LoRA time window."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from dataclasses import replace
 
@@ -21,11 +20,6 @@ from sims.draft_toy.configs import METHODS, Method, PretrainConfig, RewardConfig
 from sims.draft_toy.experiments import LoraWindow, MergedLora, lora_deltas, steered, train_method
 from sims.draft_toy.metrics import evaluate, fixed_noise, mode_counts, spread
 from sims.draft_toy.rewards import QuadraticBowl, Threshold, make_reward
-
-# Tests that need the fine-tuning engine (issue 3: theory/engine.py, theory/lora.py) skip until it exists.
-needs_engine = pytest.mark.skipif(importlib.util.find_spec("theory.engine") is None
-                                  or importlib.util.find_spec("theory.lora") is None,
-                                  reason="theory.engine / theory.lora (issue 3) not present yet")
 
 # A small, quickly trained pre-trained model (cached after the first run) and a 20-step sampler.
 SMALL = PretrainConfig(hidden=64, depth=2, n_steps=20, dsm=DSMConfig(steps=1500, batch_size=256, lr=3e-3, seed=0))
@@ -131,7 +125,6 @@ def _randomise_lora(model, seed, std=0.1):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
-@needs_engine
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2**31 - 1))
 def test_lora_scale_zero_is_pretrained(seed):
@@ -152,7 +145,6 @@ def test_lora_scale_zero_is_pretrained(seed):
     assert torch.equal(a, b)
 
 
-@needs_engine
 def test_sum_of_adapters_equals_running_with_both():
     """Summing two adapters' LoRA deltas into the weights (MergedLora) equals the engine running both
     adapters at once (set_active_adapters); float64, so the only error is rounding."""
@@ -218,13 +210,13 @@ def test_lora_window_uses_finetuned_on_the_right_steps():
 TEST_TRAIN = TrainConfig(batch_size=16, budget=16 * 30, eval_every=16 * 30, n_eval=1024, lora_rank=4)
 
 
-@needs_engine
 @pytest.mark.parametrize("method", [m for m in METHODS if m.label in ("DRaFT", "DRaFT-1", "DRaFT-10", "DRaFT-LV", "ReFL", "DDPO")],
                          ids=lambda m: m.label)
 def test_each_method_raises_its_reward(method, base):
     # 30 optimisation steps (DRaFT-LV: 15, it spends two reward queries per sample), lr 1e-2 so that a
-    # few dozen steps move a rank-4 adapter.
-    m = replace(method, k=min(method.k, SMALL.n_steps), lr=1e-2 if method.kind != "ddpo" else 1e-2)
+    # few dozen steps move a rank-4 adapter (measured: every gradient method goes from r_A = -4.7 to
+    # > -0.5, DDPO's threshold success from 0.12 to 0.74; the margins are 25-43 standard errors).
+    m = replace(method, k=min(method.k, SMALL.n_steps), lr=1e-2)
     _, data = train_method(m, 0, TEST_TRAIN, SMALL, RewardConfig())
     key = "reward_a_threshold" if m.kind == "ddpo" else "reward_a"
     before, after = data["curve"][0], data["curve"][-1]
