@@ -293,8 +293,9 @@ def sample(
             with torch.no_grad():
                 out = one_step(x, t, s, z)
         else:
-            if per_sample_k is not None:  # stop-gradient for samples whose K has not started yet
-                keep = (i >= n - per_sample_k).view((B,) + (1,) * (x.ndim - 1))
+            if per_sample_k is not None:  # stop-gradient on the state entering each sample's window
+                # (i <= n - K_b: also cuts the dependence of x_i on the parameters through step i - 1)
+                keep = (i > n - per_sample_k).view((B,) + (1,) * (x.ndim - 1))
                 x = torch.where(keep, x, x.detach())
             if i == first_grad and grad_steps is not None:  # truncation; the full chain keeps d/dx_T
                 x = x.detach()
