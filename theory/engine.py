@@ -60,6 +60,7 @@ __all__ = [
     "History",
     "NonFiniteRewardError",
     "finetune",
+    "objective",
     "ppo_loss",
     "normalise_per_condition",
     "renoise",
@@ -369,6 +370,8 @@ class DRaFTK(_GradStrategy):
             return self.k
         lo, hi = self.k
         B = ctx.x_T.shape[0]
+        if lo == hi:  # nothing to draw (keeps the random stream of DRaFTK(k) = DRaFTK((k, k)))
+            return torch.full((B,), lo, dtype=torch.long, device=ctx.x_T.device)
         return torch.randint(lo, hi + 1, (B,), generator=ctx.gen).to(ctx.x_T.device)
 
 
@@ -437,7 +440,7 @@ class ReFL(_GradStrategy):
 
     def objective(self, ctx):
         lo, hi = self.steps
-        m = int(torch.randint(lo, hi + 1, (1,), generator=ctx.gen))
+        m = lo if lo == hi else int(torch.randint(lo, hi + 1, (1,), generator=ctx.gen))
         n = ctx.n
         if m < n:
             with torch.no_grad():
@@ -637,6 +640,7 @@ class FinetuneConfig:
     shape: Optional[tuple] = None
     log_kl: bool = False
     betas: tuple = (0.9, 0.999)
+    lr_schedule: str = "constant"
 
     def validate(self) -> None:
         for k in ("steps", "batch_size", "n_steps"):
@@ -655,6 +659,8 @@ class FinetuneConfig:
             raise ValueError("eps_penalty, weight_decay: must be >= 0")
         if not (isinstance(self.ckpt_every, int) and self.ckpt_every >= 0):
             raise ValueError(f"ckpt_every: must be an int >= 0, got {self.ckpt_every!r}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"lr_schedule: 'constant', 'cosine' or 'linear' (decay to 0 over steps), got {self.lr_schedule!r}")
         if self.ckpt_every > 0 and self.out_dir is None:
             raise ValueError("out_dir: checkpoints (ckpt_every > 0) need an output folder")
 
@@ -707,6 +713,17 @@ class History:
         return cls(json.loads(Path(path).read_text()))
 
 
+def _lr_factor(config: FinetuneConfig) -> Callable[[int], float]:
+    """Multiplier of every group's lr after ``k`` completed steps: 1, cosine 1/2 (1 + cos(pi k / steps)),
+    or linear 1 - k / steps."""
+    S = config.steps
+    if config.lr_schedule == "cosine":
+        return lambda k: 0.5 * (1.0 + math.cos(math.pi * min(k, S) / S))
+    if config.lr_schedule == "linear":
+        return lambda k: max(0.0, 1.0 - k / S)
+    return lambda k: 1.0
+
+
 def _trainable_named(model: nn.Module) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -744,7 +761,7 @@ def _set_rng_state(st: dict, gen: torch.Generator, noise_gen: Optional[torch.Gen
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _save_checkpoint(out_dir: Path, model, optimizer, step, history, gen, noise_gen, config) -> None:
+def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step, history, gen, noise_gen, config) -> None:
     """Atomic: write checkpoint.new/, then swap it in for checkpoint/ (the old one kept until the swap)."""
     from .lora import _atomic_save_tensors
 
@@ -754,7 +771,7 @@ def _save_checkpoint(out_dir: Path, model, optimizer, step, history, gen, noise_
         shutil.rmtree(new)
     new.mkdir()
     _atomic_save_tensors(_trainable_named(model), new / "params.safetensors")
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(gen, noise_gen),
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(gen, noise_gen),
                 "history": history.rows, "config": asdict(config)}, new / "state.pt")
     if final.exists():
         if old.exists():
@@ -773,7 +790,7 @@ def _find_checkpoint(out_dir: Path) -> Optional[Path]:
     return None
 
 
-def _load_checkpoint(path: Path, model, optimizer):
+def _load_checkpoint(path: Path, model, optimizer, scheduler=None):
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / "params.safetensors"))
@@ -786,24 +803,12 @@ def _load_checkpoint(path: Path, model, optimizer):
             p.copy_(tensors[k].to(device=p.device, dtype=p.dtype))
     st = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     optimizer.load_state_dict(st["optimizer"])
+    if scheduler is not None and "scheduler" in st:
+        scheduler.load_state_dict(st["scheduler"])
     return st
 
 
-def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strategy, config: FinetuneConfig, *,
-             x_T_sampler: Optional[Callable] = None, cond_sampler: Optional[Callable] = None, ts=None,
-             callback: Optional[Callable] = None, shape: Optional[Sequence[int]] = None) -> History:
-    """Fine-tune ``model`` to maximise mean reward - lam * mean path KL (module docstring) with ``strategy``.
-
-    ``model``: any eps module with trainable parameters, ``.reference`` (the pre-trained eps model, for
-    the KL) and ideally ``.param_groups(lr_lora, lr_embed)`` (AdamW groups; else all trainable parameters
-    at ``config.lr``). ``reward(x0, cond) -> (B,)``; attribute ``differentiable`` (default True).
-    ``x_T_sampler(n, generator)``: the initial states (default N(0, I) of ``shape``/``config.shape``);
-    ``cond_sampler(n, generator)``: the conditions (default None). ``ts``: the time grid (default
-    ``time_grid(schedule, n_steps, t_min, kind=grid)``; must have n_steps + 1 points). ``callback(step, row)``
-    after each completed optimisation step (step counted from 1). With ``config.out_dir`` the loop resumes
-    from ``out_dir/checkpoint`` if present and checkpoints every ``ckpt_every`` steps and at the end; the
-    history is also written to ``out_dir/history.json``. Returns the ``History``.
-    """
+def _check_strategy_inputs(model, reward, strategy, config, schedule, ts):
     config.validate()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: must be an nn.Module eps model, got {type(model).__name__}")
@@ -826,6 +831,42 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
     reference = getattr(model, "reference", None) if (kl_on or config.eps_penalty > 0) else None
     if (kl_on or config.eps_penalty > 0) and reference is None:
         raise ValueError("model: lam > 0 / eps_penalty need `model.reference`, the pre-trained eps model")
+    return ts, kl_on, reference
+
+
+def objective(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strategy, config: FinetuneConfig,
+              x_T: torch.Tensor, *, cond=None, ts=None, generator: Optional[torch.Generator] = None, step: int = 1):
+    """One evaluation of a gradient strategy's objective J (the quantity ``finetune`` ascends), without an
+    optimiser step: returns (J, rewards, kl). ``generator`` (CPU; default seeded with config.seed) supplies
+    the strategy's draws and the sampler noise in the same order as ``finetune`` on CPU. For gradient
+    checks and analyses (e.g. the gradient of DRaFT-K against K)."""
+    ts, kl_on, reference = _check_strategy_inputs(model, reward, strategy, config, schedule, ts)
+    if isinstance(strategy, DDPO):
+        raise ValueError("strategy: DDPO has no differentiable objective; use finetune")
+    gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+    ctx = _Ctx(model=model, reference=reference, kl_reference=reference if kl_on else None, schedule=schedule,
+               reward=reward, ts=ts.to(x_T.device), x_T=x_T, cond=cond, config=config, gen=gen,
+               noise_gen=gen if x_T.device.type == "cpu" else None, step=step)
+    J, r, kl, _ = strategy.objective(ctx)
+    return J, r, kl
+
+
+def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strategy, config: FinetuneConfig, *,
+             x_T_sampler: Optional[Callable] = None, cond_sampler: Optional[Callable] = None, ts=None,
+             callback: Optional[Callable] = None, shape: Optional[Sequence[int]] = None) -> History:
+    """Fine-tune ``model`` to maximise mean reward - lam * mean path KL (module docstring) with ``strategy``.
+
+    ``model``: any eps module with trainable parameters, ``.reference`` (the pre-trained eps model, for
+    the KL) and ideally ``.param_groups(lr_lora, lr_embed)`` (AdamW groups; else all trainable parameters
+    at ``config.lr``). ``reward(x0, cond) -> (B,)``; attribute ``differentiable`` (default True).
+    ``x_T_sampler(n, generator)``: the initial states (default N(0, I) of ``shape``/``config.shape``);
+    ``cond_sampler(n, generator)``: the conditions (default None). ``ts``: the time grid (default
+    ``time_grid(schedule, n_steps, t_min, kind=grid)``; must have n_steps + 1 points). ``callback(step, row)``
+    after each completed optimisation step (step counted from 1). With ``config.out_dir`` the loop resumes
+    from ``out_dir/checkpoint`` if present and checkpoints every ``ckpt_every`` steps and at the end; the
+    history is also written to ``out_dir/history.json``. Returns the ``History``.
+    """
+    ts, kl_on, reference = _check_strategy_inputs(model, reward, strategy, config, schedule, ts)
 
     shape = tuple(shape) if shape is not None else (tuple(config.shape) if config.shape is not None else None)
     if x_T_sampler is None:
@@ -843,6 +884,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
     groups = _param_groups(model, config)
     params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config))
 
     # randomness: ``gen`` (CPU) draws x_T, cond and the strategies' choices (K, m); the sampler noise comes
     # from ``gen`` too on CPU, from a generator on the model's device otherwise. All saved in checkpoints.
@@ -856,7 +898,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
     if out_dir is not None:
         ck = _find_checkpoint(out_dir)
         if ck is not None:
-            st = _load_checkpoint(ck, model, optimizer)
+            st = _load_checkpoint(ck, model, optimizer, scheduler)
             start, history = int(st["step"]), History(st["history"])
             _set_rng_state(st["rng"], gen, own_noise)
     wall0 = history.rows[-1]["wall_time"] if history.rows else 0.0
@@ -899,6 +941,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
             gnorm = _clip(params, config.grad_clip)
             optimizer.step()
             loss_v = float(loss.detach())
+        scheduler.step()
         total_q += int(q)
         row = {"step": step, "reward_mean": float(r.float().mean()),
                "reward_std": float(r.float().std()) if r.numel() > 1 else 0.0,
@@ -911,7 +954,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
         if callback is not None:
             callback(step, row)
         if out_dir is not None and ((config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps):
-            _save_checkpoint(out_dir, model, optimizer, step, history, gen, own_noise, config)
+            _save_checkpoint(out_dir, model, optimizer, scheduler, step, history, gen, own_noise, config)
     if bar is not None:
         bar.close()
     if out_dir is not None:
