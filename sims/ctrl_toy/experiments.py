@@ -179,6 +179,10 @@ def compare(cfg: CompareConfig) -> dict:
         methods["DPS sweep"] = {str(z): {k: v for k, v in m.items() if k != "samples"} for z, m in dps.items()}
         cfgm = CFGEps(prep["cfg_model"], gamma)
         methods["CFG"] = evaluate(_per_class(lambda c: draw(cfgm, c, n, c, toy), K), lab, gamma, cfg, keep)
+        if kind == "component":  # reference: the exact noisy classifier on the same MLP base (what any method can reach)
+            methods["exact classifier guidance (reference)"] = evaluate(_per_class(
+                lambda c: draw(base, None, n, c, toy, guidance=classifier_guidance(
+                    lambda x, t: lab.log_prob(x, t), torch.full((n,), c), gamma)), K), lab, gamma, cfg)
         methods["pre-trained"] = evaluate(_per_class(lambda c: draw(base, None, n, c, toy), K), lab, gamma, cfg)
         res[kind] = dict(methods=methods, ece=prep["ece"], times=times, n_classes=K)
     return dict(labels=res, gamma=gamma, n_offline=cfg.n_offline)
@@ -304,7 +308,15 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
       c^2 grad log h_s(m), i.e. the score correction
           delta_disc = c^2 grad log p(y | X_s = m) / (a_s sigma_t^2 / a_t - sigma_t sqrt(sigma_s^2 - c^2)),
       which tends to grad log p(y|x_t) as the step shrinks but is smaller on the late steps, where the
-      DDPM step's variance c^2 << beta h (c^2 = sigma_s^2/sigma_t^2 (1 - a_t^2/a_s^2)).
+      DDPM step's variance c^2 << beta h (c^2 = sigma_s^2/sigma_t^2 (1 - a_t^2/a_s^2));
+    - ``path_kl_bound`` (with its Monte Carlo standard error ``path_kl_bound_se``): the bound on the terminal
+      laws. Both chains start from N(0, I) and have Gaussian kernels of the same std c_i, means m*_i (exact
+      guidance) and m_i (CTRL), so by the chain rule of KL and data processing
+          KL(law of x0 under exact guidance || law of x0 under CTRL) <= sum_i E_{P*} |m*_i - m_i|^2 / (2 c_i^2)
+      exactly for the discrete chains (THEORY.md 4, the discretised Girsanov KL), estimated on the states of
+      the exactly guided chain. ``path_kl_bound_continuous`` = 1/2 sum_i beta_i h_i E|delta - delta*|^2 is its
+      continuous-time (Girsanov) counterpart. The exactly guided chain itself is within ``kl_exact_guidance``
+      (histogram KL) of the target.
     """
     from theory.solvers import sample, transition
 
@@ -318,11 +330,15 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
                   guidance=exact_field, generator=gen, keep_states=True)
     num = num_d = den = den_d = 0.0
     per_t = []
+    kl_steps = torch.zeros(n, dtype=torch.float64)
     for i in range(len(ts) - 1):
         x, t, s_ = traj.xs[i].detach(), ts[i].expand(n), ts[i + 1].expand(n)
         with torch.no_grad():
             delta = -model.correction(x, t, y) / sch.sigma(t)[:, None]
             m, std = transition(law, sch, x, t, s_, method="ddim", eta=1.0)
+            m_ctrl, _ = transition(model, sch, x, t, s_, method="ddim", eta=1.0, cond=y)
+        m_star, _ = transition(law, sch, x, t, s_, method="ddim", eta=1.0, guidance=exact_field)
+        kl_steps += ((m_star.detach() - m_ctrl) ** 2).sum(1) / (2 * std[:, 0] ** 2)
         d_star = exact_field(x, t, None)
         a_t, a_s = float(sch.alpha(t[:1])), float(sch.alpha(s_[:1]))
         sg_t, s2_s, c2 = float(sch.sigma(t[:1])), float(sch.sigma2(s_[:1])), float(std[0, 0]) ** 2
@@ -338,5 +354,7 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
     u, d = data.exact_target(lambda p: lab.log_prob(p)[:, c], 1.0, toy)
     xf = data.sample_target(u, d, n, torch.Generator().manual_seed(3))
     return dict(rel_drift_error=(num / den) ** 0.5, rel_drift_error_discrete=(num_d / den_d) ** 0.5, per_t=per_t,
+                path_kl_bound=float(kl_steps.mean()), path_kl_bound_se=float(kl_steps.std() / n**0.5),
+                path_kl_bound_continuous=0.5 * num,
                 kl_ctrl=grid_kl(xs_ctrl, u, d, toy.hist_bins), kl_exact_guidance=grid_kl(traj.x0.detach(), u, d, toy.hist_bins),
                 kl_floor=grid_kl(xf, u, d, toy.hist_bins), n_eval=n)

@@ -19,7 +19,7 @@ from .experiments import compare, efficiency, gamma_sweep, two_labels
 
 PANEL_METHODS = ("exact target (floor)", "CTRL", "classifier guidance", "DPS", "CFG")
 TABLE_METHODS = ("CTRL", "CTRL (last 5 steps)", "CTRL-PPO (quantised label)", "classifier guidance", "DPS", "CFG",
-                 "pre-trained", "exact target (floor)")
+                 "exact classifier guidance (reference)", "pre-trained", "exact target (floor)")
 
 
 def _strip(d):
