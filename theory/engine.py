@@ -116,16 +116,39 @@ class SteeredModel(nn.Module):
     an embedding the base model is called unconditionally (c_base = None); without, ``cond`` goes to the
     base (e.g. a prompt index for a UNet wrapper). At initialisation (LoRA B = 0, E = 0) the output equals
     the base model's bit for bit.
+
+    ``label_mode='module'`` (an extension of the paper's design, see README): E[c] is added instead to the
+    output of the base's submodule named ``label_module`` - e.g. ``'time'`` of an EpsMLP or
+    ``'time_embedding'`` of a diffusers UNet, the usual entry of class labels - through a forward hook, so
+    that the label reaches the network's nonlinearity and the correction can depend on x and t.
+    ``label_shape`` is then that submodule's per-sample output shape. If the submodule sees a batch k times
+    the model's (classifier-free guidance doubles it), the embedding is repeated k times.
     """
 
     def __init__(self, base: nn.Module, *, lora_rank: Optional[int] = None, lora_alpha: Optional[float] = None,
                  lora_targets: Optional[Sequence[str]] = None, n_labels: Union[None, int, Sequence[int]] = None,
-                 label_shape: Optional[Sequence[int]] = None, label_mode: str = "output"):
+                 label_shape: Optional[Sequence[int]] = None, label_mode: str = "output",
+                 label_module: Optional[str] = None):
         super().__init__()
         if not isinstance(base, nn.Module):
             raise ValueError(f"base: must be an nn.Module eps model, got {type(base).__name__}")
-        if label_mode != "output":
-            raise ValueError(f"label_mode: only 'output' (embedding added to eps) is implemented, got {label_mode!r}")
+        if label_mode not in ("output", "module"):
+            raise ValueError(f"label_mode: 'output' (embedding added to eps) or 'module' (added to the output of "
+                             f"the submodule `label_module`), got {label_mode!r}")
+        if label_mode == "module":
+            if n_labels is None:
+                raise ValueError("n_labels: label_mode='module' needs labels")
+            if label_module is None or label_shape is None:
+                raise ValueError("label_module, label_shape: label_mode='module' needs the submodule's name (e.g. "
+                                 "'time' of an EpsMLP, 'time_embedding' of a UNet) and its per-sample output shape")
+            try:
+                hooked = base.get_submodule(label_module)
+            except AttributeError:
+                raise ValueError(f"label_module: the base model has no submodule {label_module!r}") from None
+        elif label_module is not None:
+            raise ValueError("label_module: only used with label_mode='module'")
+        self.label_mode = label_mode
+        self._pending_labels = None
         for p in base.parameters():
             p.requires_grad_(False)
         if lora_rank is not None:
@@ -154,6 +177,18 @@ class SteeredModel(nn.Module):
         else:
             self.label_shape = None
             self.embeddings = None
+        if label_mode == "module":
+            hooked.register_forward_hook(self._module_hook)
+
+    def _module_hook(self, module, inputs, out):
+        """Adds the pending label embedding (set by ``forward``) to the hooked submodule's output."""
+        e = self._pending_labels
+        if e is None:
+            return out
+        if out.shape[0] % e.shape[0] or out.shape[1:] != e.shape[1:]:
+            raise ValueError(f"label_shape: embedding of shape {tuple(e.shape[1:])} for batch {e.shape[0]} does not "
+                             f"fit the output {tuple(out.shape)} of label_module")
+        return out + e.repeat((out.shape[0] // e.shape[0],) + (1,) * (e.ndim - 1)).to(out.dtype)
 
     # -------------------------------------------------------------------------------------------- labels
     def _labels(self, cond, B: int, device) -> torch.Tensor:
@@ -177,13 +212,15 @@ class SteeredModel(nn.Module):
         return c
 
     def label_embedding(self, cond, x: torch.Tensor) -> torch.Tensor:
-        """sum_j E_j[c_j] broadcast to x (zero rows for NULL)."""
+        """sum_j E_j[c_j] (zero rows for NULL), shape (B, *label_shape) - x's shape in 'output' mode."""
         c = self._labels(cond, x.shape[0], x.device)
         out = 0
         for j, (k, E) in enumerate(zip(self.n_labels_tuple, self.embeddings)):
             table = torch.cat([E, self.null_embedding.to(E.dtype)], 0)
             idx = torch.where(c[:, j] < 0, torch.full_like(c[:, j], k), c[:, j])
             out = out + table[idx]
+        if self.label_mode == "module":
+            return out
         if out.shape != x.shape:
             raise ValueError(f"label_shape: embedding of shape {tuple(out.shape[1:])} does not match x's "
                              f"{tuple(x.shape[1:])}")
@@ -192,6 +229,12 @@ class SteeredModel(nn.Module):
     def forward(self, x, t, cond=None):
         if self.embeddings is None:
             return self.base(x, t, cond)
+        if self.label_mode == "module":
+            self._pending_labels = self.label_embedding(cond, x)
+            try:
+                return self.base(x, t, None)
+            finally:
+                self._pending_labels = None
         return self.base(x, t, None) + self.label_embedding(cond, x)
 
     # ------------------------------------------------------------------------------------ helpers
