@@ -27,11 +27,11 @@ from theory.solvers import sample
 from . import model as toy
 from .configs import (CompareConfig, DiversityConfig, GradKConfig, LoraConfig, Method, PretrainConfig,
                       RewardConfig, TrainConfig)
-from .metrics import evaluate, fixed_noise
+from .metrics import evaluate, fixed_noise, kl_regularised_optimum
 from .rewards import make_reward
 
 __all__ = ["strategy_of", "steered", "train_method", "compare", "grad_vs_k", "LoraWindow",
-           "lora_analysis", "diversity", "queries_to_reach", "summarise_compare", "speedup", "claims"]
+           "lora_analysis", "diversity", "with_adapters", "MergedLora", "lora_deltas", "queries_to_reach", "summarise_compare", "speedup", "claims"]
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -75,6 +75,7 @@ def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
     from theory.engine import FinetuneConfig, finetune
 
     qps = queries_per_step(method, train.batch_size)
+    ups = method.ddpo_inner if method.kind == "ddpo" else 1  # optimiser updates per step (PPO epochs)
     n_steps_total = max(1, train.budget // qps)
     eval_every_steps = max(1, train.eval_every // qps)
     torch.manual_seed(seed)
@@ -86,7 +87,7 @@ def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
                          grad_clip=train.grad_clip, seed=seed, t_min=pretrain.t_min, progress=False,
                          eps_penalty=method.eps_penalty)
     ev = dict(reference=model.reference, n=train.n_eval, eta=train.eta, pretrain=pretrain, rewards=rewards)
-    curve = [dict(step=0, queries=0, wall_time=0.0, **evaluate(model, **ev))]
+    curve = [dict(step=0, queries=0, updates=0, wall_time=0.0, **evaluate(model, **ev))]
     eval_time = [0.0]
 
     def callback(step, *args, **kwargs):
@@ -99,17 +100,21 @@ def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
             row = evaluate(model, **ev)
             model.train(was_training)
             eval_time[0] += time.perf_counter() - t0
-            curve.append(dict(step=step, queries=step * qps, eval_time_before=before, **row))
+            curve.append(dict(step=step, queries=step * qps, updates=step * ups, eval_time_before=before, **row))
 
     hist = finetune(model, sch, reward, strategy_of(method), cfg, x_T_sampler=_gauss_sampler, ts=ts,
                     callback=callback)
     rows = [dict(r) for r in hist]
+    if rows and rows[-1]["reward_queries_total"] != n_steps_total * qps:
+        raise RuntimeError(f"method: the engine counted {rows[-1]['reward_queries_total']} reward queries, "
+                           f"this toy {n_steps_total * qps}; queries_per_step disagrees with the engine")
     wall = {int(r["step"]): float(r["wall_time"]) for r in rows}
     for c in curve[1:]:
         # the engine's wall time is measured from the start of training and so includes the earlier
         # evaluations run from the callback; subtract them
         c["wall_time"] = wall.get(c["step"], float("nan")) - c.pop("eval_time_before")
-    return model, {"method": asdict(method), "seed": seed, "queries_per_step": qps, "curve": curve,
+    return model, {"method": asdict(method), "seed": seed, "queries_per_step": qps, "updates_per_step": ups,
+                   "curve": curve,
                    "history": rows}
 
 
@@ -184,15 +189,15 @@ def speedup(data: dict, fast: str, slow: str, key: str = "reward_a", fractions=(
     mean final value of ``slow``. Ratios > 1 mean ``fast`` is faster. Computed on the mean curves over
     seeds (``ratio``) and seed by seed (``per_seed``, seed i of one against seed i of the other; inf or
     nan when a seed never reaches the level)."""
-    if axis not in ("queries", "steps", "wall_time"):
-        raise ValueError(f"axis: use 'queries', 'steps' or 'wall_time', got {axis!r}")
+    if axis not in ("queries", "steps", "updates", "wall_time"):
+        raise ValueError(f"axis: use 'queries', 'steps', 'updates' or 'wall_time', got {axis!r}")
     runs_f, runs_s = data["runs"][fast], data["runs"][slow]
 
     def xs(runs):
         if axis == "wall_time":
             return torch.tensor([[c["wall_time"] for c in r["curve"]] for r in runs], dtype=torch.float64)
-        return torch.tensor([[c[axis if axis == "queries" else "step"] for c in r["curve"]] for r in runs],
-                            dtype=torch.float64)
+        col = {"queries": "queries", "steps": "step", "updates": "updates"}[axis]
+        return torch.tensor([[c[col] for c in r["curve"]] for r in runs], dtype=torch.float64)
 
     Yf = torch.tensor([[c[key] for c in r["curve"]] for r in runs_f], dtype=torch.float64)
     Ys = torch.tensor([[c[key] for c in r["curve"]] for r in runs_s], dtype=torch.float64)
@@ -229,8 +234,10 @@ def claims(data: dict) -> dict:
         for ax in ("queries", "steps", "wall_time"):
             out["lv_vs_1"][ax] = speedup(data, "DRaFT-LV", "DRaFT-1", axis=ax)
     if "DDPO" in labels:
-        for lab in sorted(labels - {"DDPO"}):
-            out["gradient_vs_ddpo"][lab] = speedup(data, lab, "DDPO", key="reward_a_threshold")
+        grad = sorted(lab for lab in labels if not lab.startswith("DDPO"))
+        for ax in ("queries", "updates", "wall_time"):
+            out["gradient_vs_ddpo"][ax] = {lab: speedup(data, lab, "DDPO", key="reward_a_threshold", axis=ax)
+                                           for lab in grad + sorted(labels - set(grad) - {"DDPO"})}
     return out
 
 
@@ -322,6 +329,26 @@ class MergedLora(nn.Module):
         return self.net(x, t, cond)
 
 
+def with_adapters(models: dict, pretrain: PretrainConfig = PretrainConfig(), rank: int = 4) -> nn.Module:
+    """One copy of the pre-trained MLP holding the trained 'default' adapter of each steered model in
+    ``models`` under its key (``theory.lora.add_lora`` + ``lora_state_dict``), to be combined with
+    ``theory.lora.set_active_adapters`` (peft sums the active adapters' deltas)."""
+    from theory.lora import add_lora, lora_state_dict, set_active_adapters
+
+    net = copy.deepcopy(toy.pretrained(pretrain))
+    for name, m in models.items():
+        add_lora(net, rank=rank, adapter_name=name)
+        src = {_base_path(k): v for k, v in lora_state_dict(m, "default").items()}
+        with torch.no_grad():
+            for k, p in net.named_parameters():
+                if "lora_" in k and f".{name}." in k:
+                    p.copy_(src[_base_path(k.replace(f".{name}.", "."))])
+    for p in net.parameters():
+        p.requires_grad_(False)
+    set_active_adapters(net, {name: 1.0 for name in models})
+    return net.eval()
+
+
 def lora_deltas(model: nn.Module) -> dict:
     """{path of the Linear inside the pre-trained MLP: scaling * B @ A} of a steered model's active
     adapter (peft LoraLayer attributes)."""
@@ -347,7 +374,8 @@ def lora_analysis(cfg: LoraConfig = LoraConfig()) -> dict:
     (1) reward A and path KL of the A model with its LoRA delta scaled by s in ``cfg.scales``
         (``theory.lora.set_lora_scale``; s = 0 is the pre-trained model),
     (2) rewards A, B and A + B of the pre-trained model, of A, of B and of the summed adapters
-        A + B (and 0.5 A + 0.5 B), the sum formed by adding both LoRA deltas to the weights,
+        A + B (and 0.5 A + 0.5 B): both adapters in one model, active together with those scales
+        (``theory.lora.set_active_adapters``; the test checks it against ``MergedLora``),
     (3) reward A when the A model is used only on the first or the last m sampling steps.
     """
     from theory.lora import set_lora_scale
@@ -366,13 +394,15 @@ def lora_analysis(cfg: LoraConfig = LoraConfig()) -> dict:
     set_lora_scale(ma, 1.0)
     out["scale"] = scale_rows
 
-    base = toy.pretrained(cfg.pretrain)
-    dA, dB = lora_deltas(ma), lora_deltas(mb)
-    combos = {"pre-trained": [], "A": [(dA, 1.0)], "B": [(dB, 1.0)], "A+B": [(dA, 1.0), (dB, 1.0)],
-              "0.5A+0.5B": [(dA, 0.5), (dB, 0.5)]}
+    from theory.lora import set_active_adapters
+
+    both = with_adapters({"A": ma, "B": mb}, cfg.pretrain, cfg.train.lora_rank)
+    combos = {"pre-trained": {"A": 0.0, "B": 0.0}, "A": {"A": 1.0}, "B": {"B": 1.0}, "A+B": {"A": 1.0, "B": 1.0},
+              "0.5A+0.5B": {"A": 0.5, "B": 0.5}}
     out["combine"] = {}
-    for name, ads in combos.items():
-        row = evaluate(MergedLora(base, ads), keep_samples=True, **ev)
+    for name, scales in combos.items():
+        set_active_adapters(both, scales)
+        row = evaluate(both, keep_samples=True, **ev)
         row["samples"] = row["samples"][:400].tolist()
         out["combine"][name] = row
 
@@ -386,16 +416,20 @@ def lora_analysis(cfg: LoraConfig = LoraConfig()) -> dict:
 
 
 def diversity(cfg: DiversityConfig = DiversityConfig()) -> dict:
-    """Reward A, spread, mode coverage and path KL over a long run of ``cfg.base``, for each KL weight
-    lam in ``cfg.lams`` and each DRaFT+ eps penalty in ``cfg.eps_penalties`` (with lam = 0)."""
-    variants = [replace(cfg.base, label=f"lam={lam:g}", lam=lam) for lam in cfg.lams]
-    variants += [replace(cfg.base, label=f"eps-penalty={p:g}", eps_penalty=p) for p in cfg.eps_penalties]
-    out = {"config": asdict(cfg), "runs": {}}
-    for m in variants:
+    """Reward A, spread, mode coverage and path KL over a long run of each method in ``cfg.variants``
+    (KL weight ``lam``, DRaFT+ ``eps_penalty``), with the final samples; for lam > 0 also the exact
+    KL-regularised optimum of that lam (``metrics.kl_regularised_optimum``)."""
+    out = {"config": asdict(cfg), "runs": {}, "optimum": {}}
+    for m in cfg.variants:
         model, data = train_method(m, cfg.seed, cfg.train, cfg.pretrain, cfg.rewards)
         model.eval()
         fin = evaluate(model, reference=model.reference, n=cfg.train.n_eval, eta=cfg.train.eta,
                        pretrain=cfg.pretrain, rewards=cfg.rewards, keep_samples=True)
         data["final_samples"] = fin["samples"][:400].tolist()
+        data["history"] = data["history"][-1:]  # the per-step records are not drawn; keep the JSON small
         out["runs"][m.label] = data
+        if m.lam > 0 and m.label not in out["optimum"]:
+            opt = kl_regularised_optimum(m.lam, m.reward, cfg.pretrain, cfg.rewards)
+            opt.pop("law")
+            out["optimum"][m.label] = opt
     return out

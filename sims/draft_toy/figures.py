@@ -14,10 +14,9 @@ from sims.registry import figure
 
 from .configs import CompareConfig, DiversityConfig, GradKConfig, LoraConfig
 from .experiments import claims, compare, diversity, grad_vs_k, lora_analysis, summarise_compare
-from .metrics import kl_regularised_optimum
 
 _COLORS = {"DRaFT": "C0", "DRaFT-1": "C1", "DRaFT-5": "C2", "DRaFT-10": "C3", "DRaFT-50": "C4",
-           "DRaFT-LV": "C5", "ReFL": "C6", "DDPO": "C7"}
+           "DRaFT-LV": "C5", "ReFL": "C6", "DDPO": "C7", "DDPO-1upd": "C8"}
 
 
 def _band(ax, x, M, label, color):
@@ -37,17 +36,25 @@ def fig_compare(quick: bool = False):
 
     cfg = CompareConfig.quick() if quick else CompareConfig()
     data = compare(cfg)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
     for label, runs in data["runs"].items():
         c = _COLORS.get(label, None)
+        ls = "--" if label == "DRaFT-50" else "-"  # the same run as DRaFT; dashed so both show
         q = np.array([p["queries"] for p in runs[0]["curve"]], dtype=float)
-        _band(axes[0], q, _mat(runs, "reward_a"), label, c)
+        u = np.array([p["updates"] for p in runs[0]["curve"]], dtype=float)
+        R = _mat(runs, "reward_a")
+        _band(axes[0], q, R, label, c)
         W = _mat(runs, "wall_time")
-        axes[1].plot(W.mean(0), _mat(runs, "reward_a").mean(0), label=label, color=c)
+        axes[1].plot(W.mean(0), R.mean(0), label=label, color=c, ls=ls)
         _band(axes[2], q, _mat(runs, "reward_a_threshold"), label, c)
-    axes[0].set(xlabel="reward queries", ylabel="reward A (eval, 50 DDIM steps)", title="per reward query")
-    axes[1].set(xlabel="training wall time (s, 1 thread)", ylabel="reward A", title="per second")
+        axes[3].plot(u[1:], R.mean(0)[1:], label=label, color=c, ls=ls)  # log axis: from the 1st eval
+        axes[0].lines[-1].set_linestyle(ls)
+    axes[0].set(xlabel="reward queries", ylabel="reward A (eval, 50 DDIM steps)",
+                title="per reward query (band: min..max over seeds)")
+    axes[1].set(xlabel="training wall time (s, 1 thread, shared CPU)", ylabel="reward A", title="per second")
     axes[2].set(xlabel="reward queries", ylabel="P(|x - c_A| < rho)", title="threshold reward (DDPO's)")
+    axes[3].set(xlabel="optimiser (AdamW) updates", ylabel="reward A", xscale="log",
+                title="per optimiser update (DDPO: 4 PPO epochs per batch)")
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     numbers = {"summary_reward_a": summarise_compare(data, "reward_a"),
@@ -130,13 +137,10 @@ def fig_diversity(quick: bool = False):
             ax.plot(q, [c[key] for c in run["curve"]], "o-", ms=3, label=label, color=f"C{i}")
         S = np.array(run["final_samples"])
         axes[4].scatter(S[:, 0], S[:, 1], s=3, alpha=0.5, color=f"C{i}", label=label)
-        lam = run["method"]["lam"]
-        if lam > 0:  # the exact KL-regularised optimum of this lam (THEORY.md 4-5)
-            opt = kl_regularised_optimum(lam, "a", cfg.pretrain, cfg.rewards)
-            opt.pop("law")
-            d.setdefault("optimum", {})[label] = opt
-            axes[0].axhline(opt["reward"], color=f"C{i}", ls=":", lw=1)
-            axes[3].axhline(opt["kl"], color=f"C{i}", ls=":", lw=1)
+        opt = d["optimum"].get(label)
+        if opt is not None:  # the exact KL-regularised optimum of this lam (THEORY.md 4-5)
+            for ax, key in zip(axes[:4], ("reward", "spread", "modes_2pct", "kl")):
+                ax.axhline(opt[key], color=f"C{i}", ls=":", lw=1)
     for ax, t in zip(axes, ["reward A", "spread sqrt(tr Cov)", "modes with >= 2% of samples",
                             "path KL to pre-trained", "final samples"]):
         ax.set(title=t)

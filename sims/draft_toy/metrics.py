@@ -47,7 +47,8 @@ def kl_regularised_optimum(lam: float, reward: str = "a", pretrain: PretrainConf
     (``GaussianMixture.tilted``), and
 
         E_{p*}[r] = sum_k w_k * (-1/2) ((m_k - c).Q(m_k - c) + tr(Q C_k)),
-        KL(p* || p_0) = E_{p*}[r] / lam - log Z,     objective = E_{p*}[r] - lam KL = lam log Z.
+        KL(p* || p_0) = E_{p*}[r] / lam - log Z,     objective = E_{p*}[r] - lam KL = lam log Z,
+        spread = sqrt(tr Cov_{p*}),  modes_2pct = #{k: w_k >= 0.02} (the tilted component weights).
 
     The fine-tuned sampler's objective uses the discretised path KL, which is >= the KL of its final
     marginal (data processing), and its reference is the trained model, not p_0; so lam log Z is an
@@ -65,8 +66,10 @@ def kl_regularised_optimum(lam: float, reward: str = "a", pretrain: PretrainConf
     per_comp = -0.5 * (torch.einsum("ki,ij,kj->k", d, ex.Q, d) + torch.einsum("ij,kji->k", ex.Q, tilted.covs))
     mean_r = float(tilted.weights @ per_comp)
     log_z = float(law.log_normaliser(ex, lam))
+    _, cov = tilted.mean_cov()
     return {"lam": float(lam), "reward": mean_r, "kl": mean_r / lam - log_z, "objective": lam * log_z,
-            "log_z": log_z, "law": tilted}
+            "log_z": log_z, "spread": float(torch.trace(cov).sqrt()),
+            "modes_2pct": int((tilted.weights >= 0.02).sum()), "weights": tilted.weights.tolist(), "law": tilted}
 
 
 @torch.no_grad()

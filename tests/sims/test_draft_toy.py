@@ -17,7 +17,7 @@ from theory.solvers import sample
 
 from sims.draft_toy import model as toy
 from sims.draft_toy.configs import METHODS, Method, PretrainConfig, RewardConfig, TrainConfig
-from sims.draft_toy.experiments import LoraWindow, MergedLora, lora_deltas, steered, train_method
+from sims.draft_toy.experiments import LoraWindow, MergedLora, lora_deltas, steered, train_method, with_adapters
 from sims.draft_toy.metrics import evaluate, fixed_noise, mode_counts, spread
 from sims.draft_toy.rewards import QuadraticBowl, Threshold, make_reward
 
@@ -69,6 +69,9 @@ def test_kl_regularised_optimum_monte_carlo(lam):
     llr = law.log_prob(x, t0) - p0.log_prob(x, t0)
     assert abs(float(llr.mean()) - opt["kl"]) < 5 * float(llr.std()) / math.sqrt(n)
     assert opt["objective"] == pytest.approx(opt["reward"] - lam * opt["kl"], abs=1e-10)
+    d2 = ((x - x.mean(0)) ** 2).sum(1)
+    sp = math.sqrt(float(d2.mean()))  # spread; its SE by the delta method: SE(mean d2) / (2 spread)
+    assert abs(sp - opt["spread"]) < 5 * float(d2.std()) / math.sqrt(n) / (2 * sp)
     r0 = make_reward("a")(p0.sample(n, generator=torch.Generator().manual_seed(2)))
     assert float(r0.mean()) + 5 * float(r0.std()) / math.sqrt(n) < opt["objective"]
     with pytest.raises(ValueError, match="lam"):
@@ -146,38 +149,29 @@ def test_lora_scale_zero_is_pretrained(seed):
 
 
 def test_sum_of_adapters_equals_running_with_both():
-    """Summing two adapters' LoRA deltas into the weights (MergedLora) equals the engine running both
-    adapters at once (set_active_adapters); float64, so the only error is rounding."""
-    from theory.lora import add_lora, set_active_adapters
+    """Two adapters active together in one model (``with_adapters`` + theory.lora's
+    set_active_adapters, as the LoRA figure combines them) equal the pre-trained MLP with both LoRA deltas
+    added to its weights (``MergedLora``, an independent computation), for the sum and for scaled sums;
+    float64, so the only error is rounding. Scale 0 for both is the pre-trained model."""
+    from theory.lora import set_active_adapters
 
-    base = copy.deepcopy(toy.pretrained(SMALL)).double()
-    ma, mb = steered(SMALL, rank=2).double(), steered(SMALL, rank=2).double()
+    ma, mb = steered(SMALL, rank=2), steered(SMALL, rank=2)
     _randomise_lora(ma, 1)
     _randomise_lora(mb, 2)
-    dA, dB = lora_deltas(ma), lora_deltas(mb)
-    both = copy.deepcopy(base)
-    add_lora(both, rank=2, adapter_name="a")
-    add_lora(both, rank=2, adapter_name="b")
-    _copy_adapter(ma, both, "a")
-    _copy_adapter(mb, both, "b")
-    set_active_adapters(both, {"a": 1.0, "b": 1.0})
-    merged = MergedLora(base, [(dA, 1.0), (dB, 1.0)])
+    both = with_adapters({"a": ma, "b": mb}, SMALL, rank=2).double()
+    dA, dB = lora_deltas(ma.double()), lora_deltas(mb.double())
+    base = copy.deepcopy(toy.pretrained(SMALL)).double()
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(128, 2, generator=g, dtype=torch.float64), torch.rand(128, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(both(x, t), merged(x, t), rtol=1e-12, atol=1e-12)
-    # and the combination differs from either adapter alone
+    for ca, cb in [(1.0, 1.0), (0.5, 0.5), (1.0, 0.0), (0.3, 1.7)]:
+        set_active_adapters(both, {"a": ca, "b": cb})
+        merged = MergedLora(base, [(dA, ca), (dB, cb)])
+        torch.testing.assert_close(both(x, t), merged(x, t), rtol=1e-12, atol=1e-12)
+    set_active_adapters(both, {"a": 0.0, "b": 0.0})
+    assert torch.equal(both(x, t), base(x, t))
+    # the combination differs from either adapter alone (the test could fail)
     set_active_adapters(both, {"a": 1.0})
-    assert (both(x, t) - merged(x, t)).abs().max() > 1e-3
-
-
-def _copy_adapter(src, dst, name):
-    """Copy the 'default' LoRA weights of steered model ``src`` into adapter ``name`` of ``dst``."""
-    s = {n[n.find("net."):]: p for n, p in src.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in dst.named_parameters():
-            if "lora_" in n and f".{name}." in n:
-                key = n[n.find("net."):].replace(f".{name}.", ".default.")
-                p.copy_(s[key])
+    assert (both(x, t) - MergedLora(base, [(dA, 1.0), (dB, 1.0)])(x, t)).abs().max() > 1e-3
 
 
 def test_lora_window_uses_finetuned_on_the_right_steps():
