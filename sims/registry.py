@@ -26,6 +26,7 @@ FIGURE_MODULES = [
     "sims.gradguide.figures",
     "sims.ctrl_toy.figures",
     "sims.draft_toy.figures",
+    "imaging.digits",
 ]
 
 
