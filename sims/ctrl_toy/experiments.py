@@ -57,6 +57,7 @@ def _prepare(cfg: CompareConfig, kind: str, n_offline: int, seed: int, with_cfg:
     x, y = data.offline_set(kind, n_offline, seed, toy)
     (xt, yt), (xv, yv) = data.split(x, y, cfg.val_frac, lab.n_classes, seed)
     t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the MLP's initial weights: independent of what ran before in the process
     clf = ClassifierMLP(2, lab.n_classes)
     fit_mle(clf, xt, yt, replace(cfg.clf, seed=seed))
     xe, ye = data.offline_set(kind, N_TEST, 99, toy)
@@ -68,6 +69,7 @@ def _prepare(cfg: CompareConfig, kind: str, n_offline: int, seed: int, with_cfg:
     T = fit_temperature(clf, xv, yv)
     ece.update(test_after=expected_calibration_error(clf(xe), ye), val_after=expected_calibration_error(clf(xv), yv),
                test_nll_after=nll(xe, ye), temperature=T, n_val=int(yv.numel()))
+    torch.manual_seed(seed)
     noisy = NoisyClassifierMLP(2, lab.n_classes)
     fit_mle(noisy, x, y, replace(cfg.noisy_clf, seed=seed), schedule=data.schedule(toy))
     t_clf = time.perf_counter() - t0
