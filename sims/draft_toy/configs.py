@@ -99,7 +99,7 @@ class CompareConfig:
     """Methods x seeds on the same budget of reward queries."""
 
     methods: tuple[Method, ...] = METHODS
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     rewards: RewardConfig = RewardConfig()
