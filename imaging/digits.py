@@ -180,7 +180,8 @@ def run(cfg: DigitsConfig = DigitsConfig(), progress: bool = False) -> dict:
                         x_T_sampler=lambda n, g: torch.randn(n, 64, generator=g),
                         cond_sampler=lambda n, g: torch.randint(0, 10, (n,), generator=g))
         h = hist.as_arrays()
-        training[name] = {"reward_mean": np.asarray(h["reward_mean"]).tolist(), "kl": np.asarray(h["kl"]).tolist(),
+        training[name] = {"reward_mean": np.round(np.asarray(h["reward_mean"], dtype=float), 4).tolist(),
+                          "kl": np.round(np.asarray(h["kl"], dtype=float), 4).tolist(),
                           "seconds": time.perf_counter() - t0}
         models[name] = model.eval()
 
@@ -195,7 +196,7 @@ def run(cfg: DigitsConfig = DigitsConfig(), progress: bool = False) -> dict:
         "classifier": {"temperature": T, "ece_before": ece_before, "ece_after": ece_after, "judge_split_accuracy": clf_acc},
         "training": training,
         "metrics": metrics,
-        "samples": {name: x[:, :6].tolist() for name, x in samples.items()},
+        "samples": {name: np.round(x[:, :6].numpy(), 3).tolist() for name, x in samples.items()},
     }
 
 
