@@ -31,7 +31,7 @@ from .metrics import evaluate, fixed_noise, kl_regularised_optimum
 from .rewards import make_reward
 
 __all__ = ["strategy_of", "steered", "train_method", "compare", "grad_vs_k", "LoraWindow",
-           "lora_analysis", "diversity", "with_adapters", "MergedLora", "lora_deltas", "queries_to_reach", "summarise_compare", "speedup", "claims"]
+           "lora_analysis", "diversity", "with_adapters", "MergedLora", "lora_deltas", "queries_to_reach", "summarise_compare", "speedup", "claims", "sensitivity", "step_costs"]
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -238,6 +238,50 @@ def claims(data: dict) -> dict:
         for ax in ("queries", "updates", "wall_time"):
             out["gradient_vs_ddpo"][ax] = {lab: speedup(data, lab, "DDPO", key="reward_a_threshold", axis=ax)
                                            for lab in grad + sorted(labels - set(grad) - {"DDPO"})}
+        if "DDPO-1upd" in labels:  # one optimiser update per batch, like the gradient methods
+            out["gradient_vs_ddpo_1upd"] = {lab: speedup(data, lab, "DDPO-1upd", key="reward_a_threshold")
+                                            for lab in grad}
+    return out
+
+
+def step_costs(methods=None, train: TrainConfig = TrainConfig(), steps: int = 25,
+               pretrain: PretrainConfig = PretrainConfig()) -> dict:
+    """Median (and minimum) wall time of one optimisation step of each method, from the engine's history
+    of a short run without evaluations: a per-second comparison that a shared CPU disturbs less than the
+    cumulative wall clock of ``compare`` (medians ignore bursts of contention)."""
+    import statistics
+
+    from .configs import METHODS
+
+    methods = METHODS if methods is None else methods
+    out = {}
+    for m in methods:
+        tr = replace(train, budget=steps * queries_per_step(m, train.batch_size), eval_every=10**9, n_eval=64)
+        _, d = train_method(m, 0, tr, pretrain, evaluate_every=False)
+        w = [r["wall_time"] for r in d["history"]]
+        dt = [b - a for a, b in zip(w, w[1:])]
+        out[m.label] = dict(median_s=statistics.median(dt), min_s=min(dt), queries_per_step=d["queries_per_step"],
+                            updates_per_step=d["updates_per_step"])
+    return out
+
+
+def sensitivity(lrs=(3e-4, 1e-3, 3e-3), batch_sizes=(8, 32), seeds=(0, 1), budget: int = 2560,
+                labels=("DRaFT", "DRaFT-1", "DRaFT-LV", "ReFL", "DDPO", "DDPO-1upd")) -> dict:
+    """The comparison of ``compare`` repeated over learning rates and batch sizes (same budget of reward
+    queries, evaluations every 4 optimisation steps), to see whether the conclusions of issue 6(a) depend
+    on the one learning rate of ``METHODS``. Returns {"lr=..,B=..": claims(...)} plus the final values."""
+    from .configs import METHODS
+
+    methods = [m for m in METHODS if m.label in labels]
+    out = {}
+    for lr in lrs:
+        for bs in batch_sizes:
+            cfg = CompareConfig(methods=tuple(replace(m, lr=lr) for m in methods), seeds=tuple(seeds),
+                                train=replace(TrainConfig(), batch_size=bs, budget=budget, eval_every=4 * bs,
+                                              n_eval=512))
+            data = compare(cfg)
+            out[f"lr={lr:g},B={bs}"] = {"claims": claims(data), "summary_reward_a": summarise_compare(data),
+                                       "summary_threshold": summarise_compare(data, "reward_a_threshold")}
     return out
 
 

@@ -218,3 +218,29 @@ def test_each_method_raises_its_reward(method, base):
     # the two standard errors; demand a gain of 4 of those
     se = before[key + "_se"] + after[key + "_se"]
     assert after[key] - before[key] > 4 * se, (m.label, before[key], after[key], se)
+
+
+# ----------------------------------------------------------------------------- summaries of a comparison
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.floats(0.2, 5.0), st.floats(0.1, 0.9))
+def test_speedup_of_linear_curves(a, f):
+    """Curves r = r0 + slope * q: reaching r0 + f * gain_slow takes q = f * gain_slow / slope, so the ratio
+    of the queries is slope_fast / slope_slow = a exactly (linear interpolation is exact on lines); a fast
+    curve that ends below the level (a < f) never reaches it: ratio nan, per-seed inf/nan."""
+    from sims.draft_toy.experiments import speedup
+
+    q = [0, 100, 200, 300, 400]
+    runs = lambda slope: [{"curve": [{"queries": x, "step": x // 10, "updates": x // 10, "wall_time": x / 50,
+                                      "reward_a": -5.0 + slope * x / 400} for x in q]}]
+    data = {"runs": {"fast": runs(a * 1.0), "slow": runs(1.0)}}
+    for axis in ("queries", "steps", "wall_time"):
+        lv = speedup(data, "fast", "slow", fractions=(f,), axis=axis)["levels"][0]
+        if a >= f:
+            assert lv["ratio"] == pytest.approx(a, rel=1e-9)
+            assert lv["per_seed"][0] == pytest.approx(a, rel=1e-9)
+        else:
+            assert math.isnan(lv["ratio"]) and not math.isfinite(lv["per_seed"][0])
+    with pytest.raises(ValueError, match="axis"):
+        speedup(data, "fast", "slow", axis="epochs")
