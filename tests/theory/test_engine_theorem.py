@@ -216,12 +216,11 @@ def _opt_model(ts, A_opt, c_opt):
     return m
 
 
-@pytest.mark.xfail(strict=False, reason="open: measured cov error of the end law 1.9e-3 against the stated "
-                   "bound 1e-3 (mean 8e-4); the drift error meets its bound. Left by the engine helper mid-work.")
 def test_theorem1_quadratic_reward_reaches_lqg_optimum():
     """r = -1/2 (x-m).Q(x-m), lam = 1, n = 10; initial law: the continuous tilted target's marginal at T.
-    Measured (seed 0, 150 steps of batch 64): relative drift error 2e-3 to the Riccati optimum (bound
-    0.01); the end law of the trained chain equals that of the optimal chain to 1e-4 (bound 1e-3)."""
+    Measured (seed 0, 400 AdamW steps of batch 2048, lr 0.05): relative drift error 2.8e-3 to the Riccati
+    optimum (bound 0.01); end law of the trained chain vs the optimal chain: mean 3.5e-4, covariance 6.3e-4
+    relative (bound 1e-3). At 150 steps the covariance was still 1.9e-3 (optimisation, not the optimum)."""
     n, lam = 10, 1.0
     ts = time_grid(SCH, n, t_min=T_MIN)
     Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
@@ -229,7 +228,7 @@ def test_theorem1_quadratic_reward_reaches_lqg_optimum():
     rw = QuadraticReward(Q, m)
     A_opt, c_opt, _, _ = lqg_optimum(ts, lam, Q, Q @ m)
     m_T, C_T = _tilted_marginal_T(rw, lam, ts)
-    model, _ = train(rw, ts, lam, m_T, C_T, steps=150, batch=2048, lr=0.05)
+    model, _ = train(rw, ts, lam, m_T, C_T, steps=400, batch=2048, lr=0.05)
     opt_laws = propagate(_opt_model(ts, A_opt, c_opt), ts, m_T, C_T)
     err = drift_error(model, A_opt, c_opt, opt_laws)
     end_mean, end_cov = propagate(model, ts, m_T, C_T)[-1]
