@@ -29,6 +29,7 @@ from theory.values import (
     hjb_residual,
     mc_value,
     path_kl,
+    quadrature_log_h,
     tilted_initial,
 )
 
@@ -128,24 +129,107 @@ def test_e_h_transform_of_log_classifier_is_classifier_guidance():
         assert torch.allclose(field(x, tt, None), cg(x, tt, None), rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.xfail(strict=False, reason="open: at a point where p(y | x_t) ~ 1 - 1e-7 the Monte Carlo log h is "
-                   "7.8 of its estimated standard errors off (absolute 7.7e-7); the tolerance ignores the EM "
-                   "chain's discretisation bias on rare events.")
-def test_e_monte_carlo_feynman_kac_of_log_classifier():
+@SET
+@given(st.integers(1, 2), st.integers(0, 10_000), st.floats(0.5, 2.0), st.floats(0.02, 0.98))
+def test_quadrature_log_h_matches_closed_form_linear(D, seed, lam, tfrac):
+    """``quadrature_log_h`` (Gauss-Hermite over the exact posterior) against the closed-form log h for a
+    linear reward on random mixtures: the rule's error for exp(c z) is c^(2n) / (2n)! (about 1e-20 for
+    c <= 3, n = 20), so the comparison is at float64 round-off (1e-9)."""
+    g = torch.Generator().manual_seed(seed)
+    sch = ConstantBeta(1.0, 4.0)
+    m = _mixture(D, g, sch, labels=None)
+    r = LinearReward(torch.randn(D, generator=g, dtype=F64))
+    x = 2 * torch.randn(6, D, generator=g, dtype=F64)
+    t = torch.full((6,), tfrac * sch.T, dtype=F64)
+    q = quadrature_log_h(m, x, t, r, lam, n_nodes=20)
+    assert torch.allclose(q, m.log_h(x, t, r, lam), rtol=0, atol=1e-9)
+
+
+def test_quadrature_h_transform_of_log_classifier_along_the_optimal_path():
+    """(e) by quadrature: r = log p(y | x0), lam = 1 has h_t = p(y | x_t) exactly, so the quadrature field
+    must match exact classifier guidance. Measured where the optimal process lives (X_t ~ p(x_t | y), the
+    tilted marginal): mean relative field error below 1% with 8 nodes (measured 0.02-0.7%), below 3% with
+    6, and it falls as nodes are added (the rule converges; the integrand p(y | x0) is smooth)."""
+    m, sch, _ = _labelled_problem()
+    y = 1
+    g = torch.Generator().manual_seed(3)
+    cond = m.conditional(y)
+    for t in (0.05, 0.3, 1.0, 2.0):
+        x0 = cond.sample(1000, g)
+        tt = torch.tensor(t, dtype=F64)
+        xt = sch.alpha(tt) * x0 + sch.sigma(tt) * torch.randn(x0.shape, generator=g, dtype=F64)
+        ts = torch.full((xt.shape[0],), t, dtype=F64)
+        exact = h_transform_guidance(lambda z, s: m.class_log_prob(z, s)[:, y])(xt, ts, None)
+        errs = []
+        for n in (6, 8, 14):
+            quad = h_transform_guidance(lambda z, s: quadrature_log_h(
+                m, z, s, lambda u: m.class_log_prob(u, 0.0)[:, y], 1.0, n))(xt, ts, None)
+            errs.append(float((quad - exact).norm(dim=1).mean() / exact.norm(dim=1).mean()))
+        assert errs[0] < 3e-2 and errs[1] < 1e-2, (t, errs)
+        assert errs[2] < errs[0], (t, errs)
+
+
+def test_quadrature_log_h_bad_input():
+    m, sch, x = _labelled_problem()
+    with pytest.raises(ValueError, match="n_nodes"):
+        quadrature_log_h(m, x, 0.5, lambda u: u[:, 0], 1.0, n_nodes=0)
+    with pytest.raises(ValueError, match="lam"):
+        quadrature_log_h(m, x, 0.5, lambda u: u[:, 0], 0.0)
+    with pytest.raises(ValueError, match="log_r"):
+        quadrature_log_h(m, x, 0.5, lambda u: u, 1.0)
+
+
+def _fk_log_classifier(x, y, t, estimator, n=4000, n_steps=200, seed=6):
+    m, sch, _ = _labelled_problem()
+    reward = lambda x0, cond=None: m.class_log_prob(x0, torch.zeros(x0.shape[0], dtype=x0.dtype))[:, y]  # noqa: E731
+    tt = torch.full((x.shape[0],), t, dtype=F64)
+    exact = m.class_log_prob(x, tt)[:, y]
+    field = h_transform_guidance(lambda z, s: m.class_log_prob(z, s)[:, y])(x, tt, None)
+    est = mc_value(m, sch, x, t, reward, 1.0, n_samples=n, n_steps=n_steps, estimator=estimator,
+                   generator=torch.Generator().manual_seed(seed))
+    return est, exact, field
+
+
+def _boundary_points(y, t, k=3):
+    """k points where both labels are well represented among n = 4000 chains: p(y | x_t) in [0.1, 0.9]."""
+    m, _, _ = _labelled_problem()
+    g = torch.Generator().manual_seed(11)
+    cand = 2.0 * torch.randn(4000, 2, generator=g, dtype=F64)
+    p = m.class_log_prob(cand, torch.full((4000,), t, dtype=F64))[:, y].exp()
+    return cand[(p > 0.1) & (p < 0.9)][:k]
+
+
+@pytest.mark.parametrize("estimator", ["pathwise", "score"])
+def test_e_monte_carlo_feynman_kac_of_log_classifier(estimator):
     """(e) The same identity by Monte Carlo Feynman-Kac: log h and grad log h from both estimators against the
-    exact noisy classifier and its gradient (4 SE)."""
+    exact noisy classifier and its gradient, within 4 standard errors (delta method), at points where
+    p(y | x_t) is in [0.1, 0.9], so that both outcomes occur thousands of times among the 16000 chains and
+    the standard-error estimate is itself reliable. The 200-step chain's bias is below 1 SE there (the
+    estimates at 100..800 steps agree within their SE). 16000 chains, not 4000: near the class boundary
+    the pathwise derivatives through the chain are heavy-tailed, and at 4000 one seed in four drew a
+    4.8-"SE" gradient that 16000 chains of the same seed put at 1.4 SE; at 16000 the largest deviation
+    over 6 seeds x 18 comparisons was 2.5 SE."""
+    y, t = 1, 0.5
+    x = _boundary_points(y, t)
+    assert x.shape[0] == 3
+    est, exact, field = _fk_log_classifier(x, y, t, estimator, n=16000)
+    assert ((est.log_h - exact).abs() <= 4 * est.v_se).all(), (est.log_h - exact) / est.v_se
+    assert ((est.grad - field).abs() <= 4 * est.grad_se).all(), (est.grad - field) / est.grad_se
+
+
+def test_e_monte_carlo_rare_event_limit():
+    """Where p(y | x_t) = 1 - eps with eps << 1/n, the chains almost never end in the other class; the
+    delta-method standard error then measures only the spread inside the typical region and is NOT a
+    valid error bar (measured: 7.8 "SE" off at eps = 8.9e-7, an absolute error 7.7e-7 that does not shrink
+    with 100..800 steps, so it is not discretisation). What does hold is the missing-mass bound: the
+    estimate misses at most the unobserved probability, |log h_hat - log h| <= 4 SE + 2 eps."""
     m, sch, x = _labelled_problem()
     y, t = 1, 0.5
-    reward = lambda x0, cond=None: m.class_log_prob(x0, torch.zeros(x0.shape[0], dtype=x0.dtype))[:, y]  # noqa: E731
-    tt = torch.full((3,), t, dtype=F64)
-    exact = m.class_log_prob(x, tt)[:, y]
-    field = h_transform_guidance(lambda z, s: m.class_log_prob(z, s)[:, y])
-    for estimator in ("pathwise", "score"):
-        est = mc_value(m, sch, x, t, reward, 1.0, n_samples=4000, n_steps=200, estimator=estimator,
-                       generator=torch.Generator().manual_seed(6))
-        assert ((est.log_h - exact).abs() <= 4 * est.v_se).all(), (est.log_h - exact) / est.v_se
-        assert ((est.grad - field(x, tt, None)).abs() <= 4 * est.grad_se).all(), \
-            (est.grad - field(x, tt, None)) / est.grad_se
+    eps = 1 - m.class_log_prob(x, torch.full((3,), t, dtype=F64))[:, y].exp()
+    est, exact, _ = _fk_log_classifier(x, y, t, "score")
+    rare = eps * 4000 < 1
+    assert rare.any()
+    assert ((est.log_h - exact).abs()[rare] <= 4 * est.v_se[rare] + 2 * eps[rare]).all()
 
 
 # ----------------------------------------------------------------------------- (f) tilted targets, bias
