@@ -15,11 +15,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from sims.registry import FIGURES, load_all, run_figures
+    from sims.registry import FIGURES, ordered_names, run_figures
 
     if args.list:
-        load_all()
-        for name, spec in FIGURES.items():
+        for name in ordered_names():
+            spec = FIGURES[name]
             print(f"{name:32s} {spec.description}")
         return 0
     results = run_figures(args.only, out=args.out, quick=args.quick, progress=not args.no_progress)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-__all__ = ["FigureSpec", "FIGURES", "FIGURE_MODULES", "figure", "load_all", "run_figures", "to_jsonable"]
+__all__ = ["FigureSpec", "FIGURES", "FIGURE_MODULES", "figure", "load_all", "ordered_names", "run_figures",
+           "to_jsonable"]
 
 #: modules whose import registers figures, in the order figures are drawn.
 FIGURE_MODULES = [
@@ -66,6 +67,15 @@ def load_all() -> None:
         except ModuleNotFoundError:
             continue
         importlib.import_module(mod)
+
+
+def ordered_names() -> list[str]:
+    """Every registered figure in drawing order: by its module's place in ``FIGURE_MODULES``, then in
+    registration order within the module (independent of the order in which modules were imported)."""
+    load_all()
+    rank = {m: i for i, m in enumerate(FIGURE_MODULES)}
+    names = list(FIGURES)
+    return sorted(names, key=lambda n: (rank.get(FIGURES[n].module, len(rank)), names.index(n)))
 
 
 def to_jsonable(obj):
@@ -123,7 +133,7 @@ def run_figures(names: Optional[Sequence[str]] = None, out: str | Path = "paper_
     import matplotlib.pyplot as plt
 
     load_all()
-    names = list(FIGURES) if not names else list(names)
+    names = ordered_names() if not names else list(names)
     unknown = [n for n in names if n not in FIGURES]
     if unknown:
         raise ValueError(f"only: unknown figure(s) {unknown}; registered: {sorted(FIGURES)}")
