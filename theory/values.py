@@ -80,8 +80,10 @@ def quadrature_log_h(model: GaussianMixture, x: torch.Tensor, t, log_r: Callable
                ~ sum_k w_k(x) sum_j W_j exp(r(m_k(x) + C_k^{1/2} z_j) / lam),
 
     with (z_j, W_j) the tensor-product probabilists' Gauss-Hermite rule of ``n_nodes`` per dimension
-    (``numpy.polynomial.hermite_e.hermegauss``, weights normalised to sum 1). Exact for the polynomial
-    part of degree < 2 n_nodes; the error for smooth rewards falls geometrically in n_nodes. Cost
+    (``numpy.polynomial.hermite_e.hermegauss``, weights normalised to sum 1). Exact for polynomials of
+    degree < 2 n_nodes; for exp(c z) the error is about c^(2n) n! / (2n)!, so it is accurate while the
+    tilt moves the posterior by few of its standard deviations (c = |C^(1/2) grad r| / lam <= 2: round-off
+    at n = 20) and degrades for strong tilts (c = 6: 4e-3 at n = 20). Cost
     n_nodes^D evaluations of r per component, so for low dimension only (D <= 3). Differentiable in x
     (the nodes move with m_k(x)), so ``h_transform_guidance`` on it gives the optimal drift for rewards
     with no closed form, e.g. r = log p(y | x0) at gamma = 1/lam != 1 for a labelled mixture.
