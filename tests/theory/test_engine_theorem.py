@@ -286,7 +286,10 @@ def test_theorem1_continuous_limit(kind):
     eps correction approaches -sigma_t grad log h_t on refining grids, and training reaches it. Relative
     drift error (under the continuous optimum's state laws) for n = 10, 20, 40: must decrease, halving at
     least once per doubling beyond n = 20 within a factor 1.5 (first order in the step), and the trained
-    model (n = 40) sits within 0.01 of the discrete optimum."""
+    model (n = 40) sits within 0.01 of the discrete optimum. Measured (seed 0): discrete vs continuous
+    0.562, 0.343, 0.195 (quadratic); trained vs discrete optimum 0.0056 (quadratic, 400 steps of batch
+    512, 49 s). With 300 steps of batch 64 the quadratic case stopped at 0.016: the SGD noise of the
+    A_i gradients (module docstring), not the optimum."""
     lam = 1.0
     b = torch.tensor([1.0, -0.5], dtype=DT)
     Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
@@ -312,7 +315,7 @@ def test_theorem1_continuous_limit(kind):
     ts = time_grid(SCH, 40, t_min=T_MIN)
     A_opt, c_opt, _, g0 = lqg_optimum(ts, lam, H_n, g_n)
     m_T, C_T = _forward(ts[0], mu_s, C_s)
-    model, _ = train(rw, ts, lam, m_T, C_T, steps=300, batch=64, lr=0.05)
+    model, _ = train(rw, ts, lam, m_T, C_T, steps=400, batch=512, lr=0.05)
     err = drift_error(model, A_opt, c_opt, propagate(_opt_model(ts, A_opt, c_opt), ts, m_T, C_T))
     print(kind, "trained vs discrete optimum (n=40)", err)
     assert err < 0.01
