@@ -202,3 +202,25 @@ def test_bad_inputs_give_clear_errors():
     field = make_guidance("G", model, sch, torch.ones(2, D), torch.ones(2))
     with pytest.raises(ValueError, match="x:"):
         field(torch.zeros(3, D), torch.ones(3), torch.zeros(3, D))
+
+
+def test_default_grid_skips_the_degenerate_first_time():
+    """The clipped cosine schedule's t = T has alpha_bar = 4e-8; the DDPM step from there multiplies the
+    eps error by alpha_{T-1}/alpha_T = 39 (measured: a trained net's samples blew up to |x|^2 ~ 2600).
+    ``default_grid`` starts one time later instead. The first step's amplification alpha_s / alpha_t is
+    then 2, and the dropped start costs KL(p_{T-1} || N(0, I)) <= alpha_bar_{T-1} E|x0|^2 / 2 < 1e-3 for
+    data with E|x0|^2 = 16. Grids of fewer steps ('leading' spacing) never reach T and are unchanged."""
+    from theory.gradient_guidance import DEGENERATE_ALPHA_BAR, default_grid
+    from theory.schedules import DiscreteVP
+
+    sch = DiscreteVP.cosine(200)
+    assert float(sch.alpha(torch.tensor(200.0))) ** 2 < DEGENERATE_ALPHA_BAR
+    ts = default_grid(sch)
+    assert float(ts[0]) == 199.0 and ts.numel() == 200 and float(ts[-1]) == 0.0
+    a = sch.alpha(ts[:2])
+    assert float(a[1] / a[0]) < 2.1
+    assert float(sch.alpha(ts[0])) ** 2 * 16 / 2 < 1e-3
+    for n in (20, 50, 100):
+        assert torch.equal(default_grid(sch, n), sch.step_times(n))
+    lin = DiscreteVP.linear(1000)  # no degenerate knot: the full grid is kept
+    assert torch.equal(default_grid(lin), lin.step_times(1000))
