@@ -153,7 +153,7 @@ def test_ctrl_exact_drift_small(engine):
     """Must-be-true (a), reduced: exact score, exact classifier, gamma = 1, 10-step training sampler, 150 steps.
     At initialisation (zero correction) the relative Girsanov-weighted drift error to grad log p(y|x_t) is 1 and
     the KL of the samples to the target (component 0) is 3.77; after this short run both must have moved most of
-    the way: error < 0.85, KL < 0.35 x the initial KL. Measured with theory.engine (docs/readme_ctrl.md): error
+    the way: error < 0.85, KL < 0.35 x the initial KL. Measured with theory.engine (README.md, CTRL section): error
     0.53 (0.45 against the discrete-time optimum), KL 0.77 (floor 0.14 at 500 samples). The full-size bounds
     are in the @slow test."""
     from sims.ctrl_toy.experiments import drift_error, exact_check
@@ -216,7 +216,7 @@ def test_figures_registered():
 def test_temperature_scaling_on_toy_offline_set(seed):
     """Must-be-true (b) on FRESH held-out data (5000 pairs never seen by the classifier nor by the temperature
     fit), in the regime where the MLE classifier is over-confident: 'soft' label, 200 offline pairs (150 to fit,
-    50 to fit T). Measured over seeds 0-9 (docs/readme_ctrl.md): T = 2.6-20, fresh ECE drops on 10/10 seeds by
+    50 to fit T). Measured over seeds 0-9 (README.md, CTRL section): T = 2.6-20, fresh ECE drops on 10/10 seeds by
     0.026-0.13, fresh NLL drops on 10/10. Threshold: ECE drop > 0.02, about 3 standard errors of a 5000-pair ECE
     (sqrt(0.25 / 5000) = 0.007); NLL drop > 0.05 (its SE on 5000 pairs is < 0.02). NOT asserted because it does
     not hold: with 400 pairs (T ~ 1.5-4) the fresh ECE rises on 7/10 seeds although the NLL drops on 10/10 -

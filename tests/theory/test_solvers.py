@@ -124,7 +124,7 @@ def fit_order(ns, errs):
 @pytest.mark.parametrize("schedule", [LinearVP(), ConstantBeta(1.0, 8.0)], ids=["linear", "ou"])
 def test_b_weak_order(method, eta, order, schedule):
     """(b) Weak order on a Gaussian, fit on step size over n = 80..640 on a uniform grid ending at
-    t_min = 0.05: EM, DDPM, DDIM about 1, Heun 2 (within 10%). Measured values: docs/readme_theory.md."""
+    t_min = 0.05: EM, DDPM, DDIM about 1, Heun 2 (within 10%). Measured values: README.md, theory section."""
     ns = (80, 160, 320, 640)
     p = fit_order(ns, weak_errors(method, eta, ns, schedule, t_min=0.05))
     assert abs(p - order) < 0.1 * order, p
