@@ -21,7 +21,6 @@ memory in the number of steps (1 = linear growth, 0 = constant).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 

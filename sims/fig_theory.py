@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from sims.ctrl_toy.data import sample_target
+from sims.ctrl_toy.metrics import grid_kl
 from sims.registry import figure
 from theory.exact import GaussianMixture, LinearReward, gaussian
 from theory.schedules import ConstantBeta
@@ -89,18 +91,6 @@ def _target(m: GaussianMixture, cfg: TiltConfig, gamma: float):
     return u, dens.T.contiguous()
 
 
-def _kl(x, u, dens, bins):
-    from sims.ctrl_toy.metrics import grid_kl
-
-    return grid_kl(x, u, dens, bins)
-
-
-def _sample_grid(u, dens, n, gen):
-    from sims.ctrl_toy.data import sample_target
-
-    return sample_target(u, dens, n, gen)
-
-
 def _noise_to(x0, schedule, T, gen):
     """X_T = alpha(T) X_0 + sigma(T) eps: a draw of the forward marginal at T of the law of x0."""
     tT = torch.tensor(T, dtype=torch.float64)
@@ -135,8 +125,9 @@ def run(cfg: TiltConfig = TiltConfig()) -> dict:
     # (a) pre-trained: the untilted process
     pre = sample(m, sch, x_T, ts, method="ddpm", generator=gen).x0
     u, p0 = _target(m, cfg, 0.0)
-    floor_pre = _sample_grid(u, p0, cfg.n, gen)
-    out["pretrained"] = {"samples": pre, "kl": _kl(pre, u, p0, cfg.bins), "kl_floor": _kl(floor_pre, u, p0, cfg.bins),
+    floor_pre = sample_target(u, p0, cfg.n, gen)
+    out["pretrained"] = {"samples": pre, "kl": grid_kl(pre, u, p0, cfg.bins),
+                         "kl_floor": grid_kl(floor_pre, u, p0, cfg.bins),
                          "label_mass": float(m.class_log_prob(pre, 0.0)[:, cfg.label].exp().mean())}
 
     # (b, c) the h-transform from the tilted initial law p*_T, one gamma per panel
@@ -144,8 +135,8 @@ def run(cfg: TiltConfig = TiltConfig()) -> dict:
     for gamma in cfg.gammas:
         u, dens = _target(m, cfg, gamma)
         n = cfg.n if gamma == 1.0 else cfg.n_quad
-        x_star = _sample_grid(u, dens, n, gen)  # exact-target draws (cell + jitter): the KL floor and p*_T
-        xT = _noise_to(_sample_grid(u, dens, n, gen), sch, cfg.T, gen)
+        x_star = sample_target(u, dens, n, gen)  # exact-target draws (cell + jitter): the KL floor and p*_T
+        xT = _noise_to(sample_target(u, dens, n, gen), sch, cfg.T, gen)
         if gamma == 1.0:
             field, how = _cg_field(m, cfg.label, 1.0), "exact: h_t = p(y | x_t)"
         else:
@@ -154,18 +145,20 @@ def run(cfg: TiltConfig = TiltConfig()) -> dict:
                 m, x, t, lambda z: m.class_log_prob(z, 0.0)[:, lab], 1.0 / gamma, cfg.quad_nodes))
             how = f"Gauss-Hermite quadrature, {cfg.quad_nodes}^2 nodes per posterior component"
         x = sample(m, sch, xT, ts, method="ddpm", guidance=field, generator=gen).x0
-        ent = {"h": how, "samples": x, "kl": _kl(x, u, dens, cfg.bins), "kl_floor": _kl(x_star, u, dens, cfg.bins),
+        ent = {"h": how, "samples": x, "kl": grid_kl(x, u, dens, cfg.bins),
+               "kl_floor": grid_kl(x_star, u, dens, cfg.bins),
                "label_mass": float(m.class_log_prob(x, 0.0)[:, cfg.label].exp().mean()),
                "target_label_mass": float((m.class_log_prob(x_star, 0.0)[:, cfg.label].exp()).mean())}
         if gamma != 1.0:  # (d) scaled classifier guidance on the same start and noise law
             xs = sample(m, sch, xT, ts, method="ddpm", guidance=_cg_field(m, cfg.label, gamma), generator=gen).x0
-            ent["scaled_cg"] = {"samples": xs, "kl": _kl(xs, u, dens, cfg.bins),
+            ent["scaled_cg"] = {"samples": xs, "kl": grid_kl(xs, u, dens, cfg.bins),
                                 "label_mass": float(m.class_log_prob(xs, 0.0)[:, cfg.label].exp().mean())}
         out["tilted"][str(gamma)] = ent
 
     # (e) the mixture at gamma = 1 from the untilted vs the tilted p_T, against alpha(T)
     target = m.conditional(cfg.label)
     tmean, _ = target.mean_cov()
+    u1, d1 = _target(m, cfg, 1.0)
     rows = []
     for T in cfg.bias_T:
         sT = ConstantBeta(1.0, T)
@@ -176,12 +169,11 @@ def run(cfg: TiltConfig = TiltConfig()) -> dict:
                       generator=gen).x0
         x_ti = sample(mT, sT, _noise_to(target.sample(cfg.n, gen), sT, T, gen), tsT, method="ddpm",
                       guidance=field, generator=gen).x0
-        u1, d1 = _target(m, cfg, 1.0)
         e_un, se_un = _mean_err(x_un, tmean)
         e_ti, se_ti = _mean_err(x_ti, tmean)
         rows.append({"T": T, "alpha_T": math.exp(-T / 2), "untilted_mean_err": e_un, "untilted_se": se_un,
-                     "tilted_mean_err": e_ti, "tilted_se": se_ti, "untilted_kl": _kl(x_un, u1, d1, cfg.bins),
-                     "tilted_kl": _kl(x_ti, u1, d1, cfg.bins)})
+                     "tilted_mean_err": e_ti, "tilted_se": se_ti, "untilted_kl": grid_kl(x_un, u1, d1, cfg.bins),
+                     "tilted_kl": grid_kl(x_ti, u1, d1, cfg.bins)})
     out["bias_mixture"] = rows
 
     # (f) Gaussian data, linear reward: closed-form biased terminal law vs Monte Carlo
