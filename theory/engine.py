@@ -37,12 +37,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import torch
 from torch import nn
 
+from .io import atomic_save_tensors
 from .lora import add_lora, disabled_lora, lora_layers
 from .param import eps_to_x0
 from .schedules import NoiseSchedule, append_dims
@@ -64,7 +65,61 @@ __all__ = [
     "ppo_loss",
     "normalise_per_condition",
     "renoise",
+    "Distributed",
+    "SingleProcess",
 ]
+
+
+# ============================================================================ data parallelism
+
+
+@runtime_checkable
+class Distributed(Protocol):
+    """What ``finetune`` needs of a data-parallel launcher (e.g. accelerate, torch.distributed).
+
+    Semantics of a k-rank run: ``config.batch_size`` is the PER-PROCESS batch b; every rank draws the
+    combined batch's initial states, conditions, strategy draws and sampler noise (k b samples) from the
+    shared generator (seeded identically on every rank) and keeps its own slice [rank b, (rank + 1) b);
+    the engine's update all-reduces (mean) the trainable gradients before clipping. So a k-rank run equals
+    a single-process run with batch k b up to the order of the float all-reduce, and the RNG / resume
+    state is the same on every rank. Only ``is_main`` writes checkpoints and the history."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def all_reduce_mean_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace every tensor in place by its mean over the ranks."""
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point."""
+
+
+class SingleProcess:
+    """The default ``Distributed``: one process, nothing to reduce or wait for."""
+
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def all_reduce_mean_(self, tensors) -> None:
+        return None
+
+    def barrier(self) -> None:
+        return None
+
+
+def _check_dist(dist) -> "Distributed":
+    if dist is None:
+        return SingleProcess()
+    for a in ("rank", "world_size", "is_main", "all_reduce_mean_", "barrier"):
+        if not hasattr(dist, a):
+            raise ValueError(f"dist: {type(dist).__name__} lacks `{a}`; implement theory.engine.Distributed")
+    if not (0 <= int(dist.rank) < int(dist.world_size)):
+        raise ValueError(f"dist: rank {dist.rank} outside [0, world_size={dist.world_size})")
+    return dist
 
 
 # ============================================================================ the trainable model
@@ -328,14 +383,37 @@ class _Ctx:
     gen: torch.Generator  # CPU generator (strategy draws: K, m)
     noise_gen: Optional[torch.Generator]  # generator on x's device (sampler noise)
     step: int  # the optimisation step being made, counted from 1
+    dist: Any = field(default_factory=SingleProcess)
 
     @property
     def n(self) -> int:
         return self.ts.numel() - 1
 
+    def own(self, draw: Callable[[int], torch.Tensor], copies: int = 1) -> torch.Tensor:
+        """``draw(n)`` for this process's samples (``copies`` blocks of the batch, copy-major): with k ranks,
+        draws the combined batch (n = copies k b) and keeps this rank's slice of every block, so every rank
+        consumes the generator as a single process with the combined batch would (``Distributed``)."""
+        k, b = self.dist.world_size, self.x_T.shape[0]
+        if k == 1:
+            return draw(copies * b)
+        full = draw(copies * k * b)
+        r = self.dist.rank
+        return full.view((copies, k * b) + tuple(full.shape[1:]))[:, r * b:(r + 1) * b].reshape(
+            (copies * b,) + tuple(full.shape[1:]))
+
     def sample(self, x_T, ts=None, **kw):
         c = self.config
-        return sample(self.model, self.schedule, x_T, self.ts if ts is None else ts, method=c.method, eta=c.eta,
+        ts = self.ts if ts is None else ts
+        if self.dist.world_size > 1 and c.stochastic and "noise" not in kw:
+            # the combined batch's noise, step by step in the order ``sample`` would draw it, sliced
+            copies = x_T.shape[0] // self.x_T.shape[0]  # DRaFT-LV samples n copies per sample
+
+            def draw_step(m):
+                return torch.randn((m,) + tuple(x_T.shape[1:]), dtype=x_T.dtype, device=x_T.device,
+                                   generator=self.noise_gen)
+
+            kw["noise"] = torch.stack([self.own(draw_step, copies) for _ in range(ts.numel() - 1)])
+        return sample(self.model, self.schedule, x_T, ts, method=c.method, eta=c.eta,
                       cond=kw.pop("cond", self.cond), generator=self.noise_gen, checkpoint=c.checkpoint, **kw)
 
     def call_reward(self, x0, cond=None):
@@ -415,7 +493,7 @@ class DRaFTK(_GradStrategy):
         B = ctx.x_T.shape[0]
         if lo == hi:  # nothing to draw (keeps the random stream of DRaFTK(k) = DRaFTK((k, k)))
             return torch.full((B,), lo, dtype=torch.long, device=ctx.x_T.device)
-        return torch.randint(lo, hi + 1, (B,), generator=ctx.gen).to(ctx.x_T.device)
+        return ctx.own(lambda m: torch.randint(lo, hi + 1, (m,), generator=ctx.gen)).to(ctx.x_T.device)
 
 
 @dataclass(frozen=True)
@@ -438,7 +516,8 @@ class DRaFTLV(_GradStrategy):
         B = x0.shape[0]
         t1, t0 = ctx.ts[-2], ctx.ts[-1]
         xr = x0.repeat((self.n,) + (1,) * (x0.ndim - 1))
-        z = torch.randn(xr.shape, dtype=xr.dtype, device=xr.device, generator=ctx.noise_gen)
+        z = ctx.own(lambda m: torch.randn((m,) + tuple(xr.shape[1:]), dtype=xr.dtype, device=xr.device,
+                                          generator=ctx.noise_gen), copies=self.n)
         x_t1 = renoise(ctx.schedule, xr, t0, t1, z)
         cond = _repeat_cond(ctx.cond, self.n)
         last = ctx.sample(x_t1, ts=ctx.ts[-2:], cond=cond, reference=ctx.kl_reference if c.lam > 0 else None,
@@ -636,7 +715,7 @@ class DDPO:
                 if k == 0 and j == 0:
                     first_dev = float((ratio.detach() - 1).abs().max())
                 loss.backward()
-                norms.append(_clip(params, grad_clip))
+                norms.append(_clip(params, grad_clip, ctx.dist))
                 optimizer.step()
                 losses.append(float(loss.detach()))
         kl = traj.kl.detach() if traj.kl is not None else None
@@ -644,7 +723,12 @@ class DDPO:
                     queries=r.numel(), ppo_ratio_dev_first=first_dev)
 
 
-def _clip(params, grad_clip: float) -> float:
+def _clip(params, grad_clip: float, dist=None) -> float:
+    if dist is not None and dist.world_size > 1:  # data parallel: the mean gradient over the ranks
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        dist.all_reduce_mean_([p.grad for p in params])
     gs = [p for p in params if p.grad is not None]
     if not gs:
         return 0.0
@@ -806,14 +890,12 @@ def _set_rng_state(st: dict, gen: torch.Generator, noise_gen: Optional[torch.Gen
 
 def _save_checkpoint(out_dir: Path, model, optimizer, scheduler, step, history, gen, noise_gen, config) -> None:
     """Atomic: write checkpoint.new/, then swap it in for checkpoint/ (the old one kept until the swap)."""
-    from .lora import _atomic_save_tensors
-
     out_dir.mkdir(parents=True, exist_ok=True)
     final, new, old = out_dir / "checkpoint", out_dir / "checkpoint.new", out_dir / "checkpoint.old"
     if new.exists():
         shutil.rmtree(new)
     new.mkdir()
-    _atomic_save_tensors(_trainable_named(model), new / "params.safetensors")
+    atomic_save_tensors(_trainable_named(model), new / "params.safetensors")
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(gen, noise_gen),
                 "history": history.rows, "config": asdict(config)}, new / "state.pt")
     if final.exists():
@@ -896,7 +978,8 @@ def objective(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strat
 
 def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strategy, config: FinetuneConfig, *,
              x_T_sampler: Optional[Callable] = None, cond_sampler: Optional[Callable] = None, ts=None,
-             callback: Optional[Callable] = None, shape: Optional[Sequence[int]] = None) -> History:
+             callback: Optional[Callable] = None, shape: Optional[Sequence[int]] = None,
+             dist: Optional[Distributed] = None) -> History:
     """Fine-tune ``model`` to maximise mean reward - lam * mean path KL (module docstring) with ``strategy``.
 
     ``model``: any eps module with trainable parameters, ``.reference`` (the pre-trained eps model, for
@@ -907,9 +990,14 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
     ``time_grid(schedule, n_steps, t_min, kind=grid)``; must have n_steps + 1 points). ``callback(step, row)``
     after each completed optimisation step (step counted from 1). With ``config.out_dir`` the loop resumes
     from ``out_dir/checkpoint`` if present and checkpoints every ``ckpt_every`` steps and at the end; the
-    history is also written to ``out_dir/history.json``. Returns the ``History``.
+    history is also written to ``out_dir/history.json``. ``dist``: a ``Distributed`` for data-parallel
+    runs (default one process); ``config.batch_size`` is then the per-process batch. Returns the ``History``.
     """
     ts, kl_on, reference = _check_strategy_inputs(model, reward, strategy, config, schedule, ts)
+    dist = _check_dist(dist)
+    if dist.world_size > 1 and isinstance(strategy, Adjoint):
+        raise ValueError("strategy: Adjoint draws its Brownian motion inside torchsde and cannot share the "
+                         "combined batch's noise across processes; use DRaFT with checkpoint=True")
 
     shape = tuple(shape) if shape is not None else (tuple(config.shape) if config.shape is not None else None)
     if x_T_sampler is None:
@@ -955,20 +1043,25 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
         bar = tqdm(iterator, desc=f"finetune ({type(strategy).__name__})", initial=start, total=config.steps)
         iterator = bar
     t_start = time.perf_counter()
+    K, b = dist.world_size, config.batch_size
+    mine = slice(dist.rank * b, (dist.rank + 1) * b)  # this process's part of the combined batch
     for step in iterator:
-        x_T = x_T_sampler(config.batch_size, gen)
-        if not isinstance(x_T, torch.Tensor) or x_T.shape[0] != config.batch_size:
+        x_T = x_T_sampler(K * b, gen)
+        if not isinstance(x_T, torch.Tensor) or x_T.shape[0] != K * b:
             raise ValueError(f"x_T_sampler: {_name(x_T_sampler)} must return a tensor with batch size "
-                             f"{config.batch_size}, got {getattr(x_T, 'shape', type(x_T).__name__)}")
-        cond = cond_sampler(config.batch_size, gen) if cond_sampler is not None else None
-        if cond is not None and len(cond) != config.batch_size:
+                             f"{K * b}, got {getattr(x_T, 'shape', type(x_T).__name__)}")
+        cond = cond_sampler(K * b, gen) if cond_sampler is not None else None
+        if cond is not None and len(cond) != K * b:
             raise ValueError(f"cond_sampler: {_name(cond_sampler)} returned {len(cond)} conditions for "
-                             f"batch size {config.batch_size}")
+                             f"batch size {K * b}")
+        if K > 1:
+            x_T = x_T[mine]
+            cond = cond[mine] if cond is not None else None
         if isinstance(cond, torch.Tensor):
             cond = cond.to(x_T.device)
         ctx = _Ctx(model=model, reference=reference, kl_reference=reference if kl_on else None, schedule=schedule,
                    reward=reward, ts=ts.to(x_T.device), x_T=x_T, cond=cond, config=config, gen=gen,
-                   noise_gen=noise_gen if noise_gen.device == x_T.device else None, step=step)
+                   noise_gen=noise_gen if noise_gen.device == x_T.device else None, step=step, dist=dist)
         extras: dict = {}
         if isinstance(strategy, DDPO):
             out = strategy.run_step(ctx, optimizer, params, config.grad_clip)
@@ -981,7 +1074,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"loss: non-finite objective at optimisation step {step}")
             loss.backward()
-            gnorm = _clip(params, config.grad_clip)
+            gnorm = _clip(params, config.grad_clip, dist)
             optimizer.step()
             loss_v = float(loss.detach())
         scheduler.step()
@@ -997,9 +1090,11 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
         if callback is not None:
             callback(step, row)
         if out_dir is not None and ((config.ckpt_every and step % config.ckpt_every == 0) or step == config.steps):
-            _save_checkpoint(out_dir, model, optimizer, scheduler, step, history, gen, own_noise, config)
+            if dist.is_main:
+                _save_checkpoint(out_dir, model, optimizer, scheduler, step, history, gen, own_noise, config)
+            dist.barrier()
     if bar is not None:
         bar.close()
-    if out_dir is not None:
+    if out_dir is not None and dist.is_main:
         history.to_json(out_dir / "history.json")
     return history

@@ -11,14 +11,14 @@ s alpha / r. Only saving/loading (safetensors, atomic) and the disable context a
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
+
+from .io import atomic_save_tensors
 
 __all__ = [
     "add_lora",
@@ -123,25 +123,9 @@ def lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str
     return out
 
 
-def _atomic_save_tensors(tensors: dict, path: Union[str, Path], metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_lora(model: nn.Module, path: Union[str, Path], adapter_name: str = "default") -> None:
     """Write one adapter's weights to ``path`` as safetensors, atomically (temp file + os.replace)."""
-    _atomic_save_tensors(lora_state_dict(model, adapter_name), path, metadata={"adapter": adapter_name})
+    atomic_save_tensors(lora_state_dict(model, adapter_name), path, metadata={"adapter": adapter_name})
 
 
 def load_lora(model: nn.Module, path: Union[str, Path], adapter_name: str = "default") -> None:
