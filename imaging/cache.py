@@ -1,0 +1,62 @@
+"""The package's on-disk cache: where generated artefacts (the trained digits pipeline) live, and an
+atomic, lock-protected way to build one.
+
+The root is ``$DIFFSTEER_CACHE`` when set, else the platform's user cache folder (``$XDG_CACHE_HOME`` or
+``~/.cache`` on Linux, ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows) + ``/diffsteer``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["atomic_build", "cache_root"]
+
+
+def cache_root() -> Path:
+    """The cache folder (not created here)."""
+    env = os.environ.get("DIFFSTEER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "diffsteer"
+
+
+def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
+                 timeout: float = -1) -> Path:
+    """Make ``target`` exist by calling ``build(tmp)`` on a fresh temporary folder next to it and renaming
+    the folder into place, so a reader never sees a half-written ``target``. A lock file
+    (``<target>.lock``, ``filelock``: works across processes) serialises concurrent callers: the first
+    builds, the others wait and then reuse its result. A ``target`` that exists but is not complete
+    (e.g. a copy interrupted by hand) is rebuilt. ``timeout`` (s) for the lock; -1 waits forever."""
+    from filelock import (
+        FileLock,  # a dependency of huggingface_hub, hence of diffusers/transformers
+    )
+
+    target = Path(target)
+    if is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=timeout):
+        if is_complete(target):  # another process finished it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            build(tmp)
+            if not is_complete(tmp):
+                raise RuntimeError(f"build of '{target}' finished without a complete result in '{tmp}'")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return target
