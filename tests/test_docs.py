@@ -1,0 +1,151 @@
+"""The documentation stays true to the repository: docs/results.md is what tools/make_results.py renders
+from paper_figs/*.json today, every link between README and docs/ pages (and every #anchor) resolves,
+and every ``docs/theory.md`` citation in the code names a section and equation that exist."""
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+THEORY = ROOT / "docs" / "theory.md"
+CODE_DIRS = ("theory", "sims", "imaging", "diffsteer", "benchmarks", "tests", "tools")
+
+
+def _make_results():
+    spec = importlib.util.spec_from_file_location("make_results", ROOT / "tools" / "make_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _md_pages():
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped (except - and _), spaces -> '-'."""
+    h = re.sub(r"`", "", heading.strip().lower())
+    h = re.sub(r"[^\w\- ]", "", h)
+    return h.replace(" ", "-")
+
+
+def _anchors(page: Path) -> set:
+    out, seen = set(), {}
+    in_code = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m and not in_code:
+            s = _slug(m.group(1))
+            n = seen.get(s, 0)
+            out.add(s if n == 0 else f"{s}-{n}")
+            seen[s] = n + 1
+    return out
+
+
+def _links(page: Path):
+    """Markdown link targets ``](target)`` outside fenced code, without URLs."""
+    text, in_code = [], False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if not in_code:
+            text.append(line)
+    for target in re.findall(r"\]\(([^)\s]+)\)", "\n".join(text)):
+        if not re.match(r"[a-z]+://|mailto:", target):
+            yield target
+
+
+def _code_files():
+    for d in CODE_DIRS:
+        yield from sorted((ROOT / d).rglob("*.py"))
+
+
+def test_results_page_is_rendered_from_the_current_jsons():
+    """docs/results.md equals a fresh rendering (fix: ``python tools/make_results.py``)."""
+    mr = _make_results()
+    page = ROOT / "docs" / "results.md"
+    assert page.exists(), "docs/results.md is missing: run python tools/make_results.py"
+    assert page.read_text() == mr.render(mr.FIG_DIR), "docs/results.md is out of date: run python tools/make_results.py"
+
+
+def test_every_figure_json_appears_on_the_results_page():
+    text = (ROOT / "docs" / "results.md").read_text()
+    for p in sorted((ROOT / "paper_figs").glob("*.json")):
+        assert f"### `{p.stem}`" in text, f"{p.name} has no section in docs/results.md"
+
+
+def test_results_renderer_falls_back_for_an_unknown_figure(tmp_path):
+    """A figure without a renderer still shows its scalars, settings and verdicts (so a new figure never
+    breaks the page)."""
+    import json
+
+    mr = _make_results()
+    (tmp_path / "claims_new.json").write_text(json.dumps({
+        "figure": "claims_new", "description": "a new figure", "quick": True, "wall_time_s": 1.5,
+        "verdicts": {"claim A": {"verdict": "holds only when D >= 32", "ratio": 1.25}},
+        "data": {"config": {"D": [2, 8]}, "ratio": 1.25, "curve": list(range(100))}}))
+    text = mr.render(tmp_path)
+    assert "### `claims_new`" in text and "quick settings" in text
+    assert "**claim A**: holds only when D >= 32 (ratio: 1.25)" in text
+    assert "| `ratio` | 1.25 |" in text and "`D` = (2, 8)" in text
+
+
+@pytest.mark.parametrize("page", _md_pages(), ids=lambda p: p.name)
+def test_links_between_pages_resolve(page):
+    """Every relative link of README and docs/*.md points at an existing file, and every #anchor at a heading."""
+    bad = []
+    for target in _links(page):
+        path, _, anchor = target.partition("#")
+        dest = page if not path else (page.parent / path).resolve()
+        if not dest.exists():
+            bad.append(f"{target} (no file {dest.relative_to(ROOT) if ROOT in dest.parents else dest})")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            bad.append(f"{target} (no heading with anchor #{anchor} in {dest.name})")
+    assert not bad, f"{page.name}: broken links: {bad}"
+
+
+def test_readme_mentions_of_docs_pages_exist():
+    for name in re.findall(r"docs/[\w\-]+\.md", (ROOT / "README.md").read_text()):
+        assert (ROOT / name).exists(), f"README names {name}, which does not exist"
+
+
+def _theory_sections_and_equations():
+    text = THEORY.read_text()
+    sections = {int(n) for n in re.findall(r"^## §(\d+)\b", text, flags=re.M)}
+    equations = set(re.findall(r"\((\d+\.\d+)\)", text))
+    return sections, equations
+
+
+def test_theory_page_has_the_numbered_sections():
+    sections, equations = _theory_sections_and_equations()
+    assert sections == set(range(1, 9)), f"docs/theory.md sections: {sorted(sections)}, expected §1 .. §8"
+    for s in sections:  # every section numbers at least one equation (N.M)
+        assert any(e.split(".")[0] == str(s) for e in equations), f"§{s} has no numbered equation"
+
+
+#: a citation: docs/theory.md, then optional §N[.M] (lists and ranges: §4-5, §4, §5) and equations (N.M)
+CITE = re.compile(r"docs/theory\.md((?:[ ,;]*(?:and\s+)?(?:§\s*\d+(?:\.\d+)?(?:\s*[-–]\s*§?\s*\d+(?:\.\d+)?)?"
+                  r"|eqs?\.?\s*\(\d+\.\d+\)|\(\d+\.\d+\)(?:\s*[-–]\s*\(\d+\.\d+\))?))*)")
+
+
+def test_code_citations_of_the_theory_page_exist():
+    """Every ``docs/theory.md §N`` / ``(N.M)`` cited in a .py file names a section / equation of the page."""
+    sections, equations = _theory_sections_and_equations()
+    bad = []
+    for f in _code_files():
+        for i, line in enumerate(f.read_text().splitlines(), 1):
+            for m in CITE.finditer(line):
+                tail = m.group(1)
+                for s in re.findall(r"§\s*(\d+)", tail) + re.findall(r"[-–]\s*(\d+)(?!\.\d)", tail):
+                    if int(s) not in sections:
+                        bad.append(f"{f.relative_to(ROOT)}:{i}: §{s}")
+                for e in re.findall(r"\((\d+\.\d+)\)", tail):
+                    if e not in equations:
+                        bad.append(f"{f.relative_to(ROOT)}:{i}: ({e})")
+    assert not bad, f"citations of docs/theory.md that do not exist: {bad}"

@@ -1,0 +1,548 @@
+"""Render ``docs/results.md`` from ``paper_figs/*.json``, so the measured numbers cannot go stale.
+
+Usage (from the repository root, standard library only):
+
+    python tools/make_results.py            # (re)write docs/results.md
+    python -m tools.make_results --check    # exit 1 if docs/results.md differs from what the JSONs give
+
+Every figure's JSON (written by ``diffsteer figures``) holds ``figure``, ``description``, ``quick``,
+``wall_time_s`` and ``data``; newer ones may also hold ``settings``/``config``, ``verdicts`` and
+``threads``. Per figure the page shows its description, settings, the key numbers and any verdicts.
+Known figures have a renderer below that picks their key numbers into tables; any other figure gets a
+generic listing of the scalars in its data. The short notes in ``NOTES`` explain how to read a figure;
+they hold no measured numbers (those come from the JSONs only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIG_DIR = ROOT / "paper_figs"
+OUT = ROOT / "docs" / "results.md"
+SETTINGS_SHOWN = 40  # settings listed per figure (the JSON holds them all)
+
+#: (name prefix, section title), in page order; figures matching no prefix go last.
+SECTIONS = [
+    ("theory_", "Theory: exact steering of a 2-D mixture"),
+    ("gg_", "Gradient guidance (Guo et al.)"),
+    ("ctrl_toy_", "CTRL at toy scale"),
+    ("draft_toy_", "DRaFT at toy scale"),
+    ("digits_", "Images: 8x8 digits"),
+    ("claims_", "The papers' claims in their own regimes"),
+]
+
+#: How to read a figure (no numbers here: every number on the page comes from the JSONs).
+NOTES = {
+    "theory_tilting": (
+        "Everything is exact: the mixture's eps, the noisy classifier and the tilted targets. KL is the "
+        "histogram KL of the samples to the binned exact target; its floor is that of as many exact-target "
+        "samples. Scaled classifier guidance is shown as a contrast: scaling the classifier's gradient is "
+        "not the gamma-tilt (docs/theory.md §6.1-6.3), which is why CTRL learns the tilt. The bias rows "
+        "start the optimal drift from the untilted p_T (docs/theory.md §4, (4.10)-(4.11)); the error should "
+        "fall like alpha(T)^2."),
+    "gg_roff": (
+        "G drives samples off the data's subspace; G_loss keeps them near the pre-trained model's r_off "
+        "(docs/theory.md §7). With a learned score G_loss is not exactly subspace-preserving, so its r_off "
+        "may grow a little."),
+    "gg_objective": (
+        "Algorithm 1 plateaus at a regularised optimum below the global maximum when the maximiser lies off "
+        "the data; Algorithm 2 fine-tunes the score and can approach the maximum. Quick settings run a tenth "
+        "of the paper's rounds, too few for Algorithm 2 to separate from Algorithm 1."),
+    "gg_convergence": (
+        "With the exact score the samples stay in span(A) up to round-off, so f2 cannot exceed its best "
+        "value on the subspace (docs/theory.md (7.7)): the 'max excess over best on span' must be negative."),
+    "gg_sphere": (
+        "The paper claims G_loss's (reward, ||x| - 1|) front dominates G's. The sphere is not a linear "
+        "subspace, so the subspace theorem does not cover it, and the learned sphere score is rough."),
+    "gg_distributions": "Norms of the samples' parts on and off span(A), and along theta's two parts, before and after.",
+    "gg_runtime": (
+        "A G_loss round costs one extra vector-Jacobian product per step over an unguided pass; ratios are "
+        "measured side by side in one run."),
+    "ctrl_toy_density": "Per label, the histogram KL of each method's samples to the exact target p(y|x)^gamma p(x).",
+    "ctrl_toy_table": (
+        "Metrics under the true p(y|x): prediction = argmax of the true p(y|x); KL = histogram KL to the "
+        "binned exact target (floor: exact-target samples). DPS is reported at its best-KL strength; a "
+        "larger strength buys accuracy by overshooting the target."),
+    "ctrl_toy_efficiency": (
+        "CTRL against classifier-free guidance as the offline set grows; temperatures are fitted on a "
+        "quarter of each set, so the smallest sets calibrate on a handful of pairs."),
+    "ctrl_toy_gamma": (
+        "CTRL trained at one gamma and rescaled at inference by classifier-free mixing with w = gamma "
+        "(CTRL appendix B, docs/theory.md (6.3)), against CFG with the same w and the exact target."),
+    "ctrl_toy_two_labels": (
+        "One augmented model with two conditionally independent labels, reward log p1 + log p2 "
+        "(docs/theory.md (6.5)), against the sum of two classifier-guidance fields."),
+    "draft_toy_compare": (
+        "Ratios compare how fast two methods reach 25/50/75% of the slower method's final gain, from the "
+        "mean curves (> 1: the first-named method is faster). Per reward query, per optimiser update and "
+        "per second tell different stories: with AdamW the adapter moves by about lr per update whatever "
+        "the gradient's quality, so on this small problem progress counts updates."),
+    "draft_toy_grad_k": "Norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient, at a random LoRA.",
+    "draft_toy_lora": (
+        "Scale 0 is the pre-trained model exactly; the adapters A and B were trained on the two rewards and "
+        "summed with their scales (DRaFT's LoRA mixing, docs/theory.md (8.2)); 'first'/'last' apply the "
+        "adapter on the first or last m sampler steps only."),
+    "draft_toy_diversity": (
+        "DRaFT-1 with a KL term barely moves: truncated to the last step, the KL's gradient pins the model "
+        "while the tilt has to be built over the chain. The exact optimum is the tilted ring law; its "
+        "objective lam log Z bounds every run (docs/theory.md §4)."),
+    "digits_ctrl": (
+        "The judge is a classifier neither model saw. CTRL's paper form adds the label embedding to the eps "
+        "output, where it cannot depend on x or t; added to the time features instead it passes through "
+        "the network (docs/theory.md (6.10))."),
+}
+
+TRAILER = """\
+## Numbers that are not figures
+
+Some measured numbers are not drawn in a figure; they are printed by the scripts that measure them, so
+run those to see them on your machine:
+
+- weak orders of the solvers and the DDPM log factor: asserted by `tests/theory/test_solvers.py`;
+- HJB residuals of the closed-form values: asserted by `tests/theory/test_values.py`;
+- memory kept for the backward pass and time per gradient of each DRaFT estimator:
+  `python benchmarks/bench_memory.py`;
+- pass times of unguided sampling, G and G_loss: `python benchmarks/bench_guidance.py`;
+- the DRaFT step against no-grad sampling passes: `python benchmarks/bench_draft_step.py` where present.
+"""
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def fmt(v) -> str:
+    """A number with 4 significant digits (ints and strings as they are)."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if v == 0:
+            return "0"
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(fmt(x) for x in v) + ")"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def cell(c) -> str:
+    """A table cell: numbers through ``fmt``, a literal '|' escaped so that it does not split the row."""
+    s = c if isinstance(c, str) else fmt(c)
+    return s.replace("\\|", "|").replace("|", "\\|").replace("\n", " ")
+
+
+def table(headers, rows) -> list[str]:
+    out = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        out.append("| " + " | ".join(cell(c) for c in r) + " |")
+    return out + [""]
+
+
+def flat(d, prefix="", max_list=8):
+    """(dotted key, value) of every scalar or short list of scalars in a nested dict."""
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, dict):
+                out += flat(v, key, max_list)
+            elif isinstance(v, list):
+                if len(v) <= max_list and all(not isinstance(x, (dict, list)) for x in v):
+                    out.append((key, v))
+            else:
+                out.append((key, v))
+    return out
+
+
+def last(seq):
+    return seq[-1] if isinstance(seq, list) and seq else None
+
+
+def first(seq):
+    return seq[0] if isinstance(seq, list) and seq else None
+
+
+# ------------------------------------------------------------------------------------------ renderers
+# Each takes the JSON's "data" and returns markdown lines; a KeyError/TypeError/IndexError falls back to
+# the generic listing (so a changed JSON never breaks the page, it only renders more plainly).
+
+
+def r_theory_tilting(d):
+    lines = [f"alpha(T) = {fmt(d['alpha_T'])}.", ""]
+    rows = [["pre-trained", d["pretrained"]["kl"], d["pretrained"]["kl_floor"], d["pretrained"]["label_mass"], "-"]]
+    for g, v in d["tilted"].items():
+        rows.append([f"gamma = {g}: h-transform ({v.get('h', '')})", v["kl"], v["kl_floor"], v["label_mass"],
+                     v["target_label_mass"]])
+        if "scaled_cg" in v:
+            rows.append([f"gamma = {g}: scaled classifier guidance", v["scaled_cg"]["kl"], v["kl_floor"],
+                         v["scaled_cg"]["label_mass"], v["target_label_mass"]])
+    lines += table(["samples", "KL to target", "KL floor", "P(y = label)", "target P(y = label)"], rows)
+    lines += ["Terminal bias of the optimal drift, mixture, gamma = 1 (mean error and its standard error):", ""]
+    lines += table(["T", "alpha(T)", "from untilted p_T", "s.e.", "from tilted p*_T", "s.e."],
+                   [[b["T"], b["alpha_T"], b["untilted_mean_err"], b["untilted_se"], b["tilted_mean_err"],
+                     b["tilted_se"]] for b in d["bias_mixture"]])
+    g = d["bias_gaussian"]
+    lines += ["Gaussian data, linear reward: Monte Carlo mean error against the closed form (4.11):", ""]
+    lines += table(["T", "alpha(T)", "Monte Carlo", "closed form", "difference in s.e."],
+                   [[m["T"], m["alpha_T"], m["mean_err"], m["closed_form_mean_err"], m["mc_vs_closed_form_in_se"]]
+                    for m in g["monte_carlo"]])
+    lines += [f"Log-log slope of the closed-form mean error against alpha(T): "
+              f"{fmt(g['loglog_slope_mean_err_vs_alpha'])}.", ""]
+    return lines
+
+
+def _runs(d, key):
+    return {k: v for k, v in d.items() if isinstance(v, dict) and key in v}
+
+
+def r_gg_roff(d):
+    rows = []
+    for name, v in _runs(d, "roff_mean").items():
+        m = v["roff_mean"]
+        rows.append([name, v.get("delta"), v.get("rounds"), first(m["mean"]), last(m["mean"]),
+                     fmt(m.get("final_per_seed")), fmt(v.get("roff_top4"))])
+    lines = [f"Pre-trained model's r_off: {fmt(d.get('pretrained_roff'))}.", ""]
+    return lines + table(["run", "delta", "rounds", "r_off, round 0", "r_off, final", "final per seed",
+                          "final top-4 per seed"], rows)
+
+
+def r_gg_objective(d):
+    rows = []
+    for name, v in _runs(d, "f_mean").items():
+        m = v["f_mean"]
+        rows.append([name, first(m["mean"]), last(m["mean"]), fmt(m.get("final_per_seed")), fmt(v.get("f_top4"))])
+    lines = table(["run", "f1 mean, round 0", "f1 mean, final", "final per seed", "final top-4 per seed"], rows)
+    return lines + [f"Global maximum {fmt(d.get('global_max'))}; best value on span(A) within the data's radius "
+                    f"{fmt(d.get('best_on_span_data_radius'))}; |theta_par| = {fmt(d.get('theta_par_norm'))}.", ""]
+
+
+def r_gg_convergence(d):
+    rows = []
+    for name, v in _runs(d, "f_mean").items():
+        fm, fx, ro = v["f_mean"], v["f_max"], v["roff_mean"]
+        b = v.get("bounds", {})
+        rows.append([name, v.get("delta"), first(fm["mean"]), last(fm["mean"]), last(fx["mean"]),
+                     b.get("best_on_span"), first(ro["mean"]), last(ro["mean"]),
+                     v.get("max_excess_over_best_on_span"), v.get("max_roff_any_round")])
+    return table(["run", "delta", "f mean, round 0", "f mean, final", "best sample, final", "best on span(A)",
+                  "r_off, round 0", "r_off, final", "max excess over best on span", "max r_off, any round"], rows)
+
+
+def r_gg_sphere(d):
+    rows = []
+    for i, delta in enumerate(d["deltas"]):
+        rows.append([delta] + [f"{fmt(d['final'][k]['reward'][i])} / {fmt(d['final'][k]['dev_abs'][i])}"
+                               for k in d["final"]])
+    p = d["pretrained"]
+    lines = [f"Final reward / mean ||x| - 1| per delta; pre-trained: {fmt(p['reward'])} / {fmt(p['dev_abs'])}.", ""]
+    return lines + table(["delta"] + list(d["final"]), rows)
+
+
+def r_gg_distributions(d):
+    rows = []
+    for name, v in d.items():
+        if not isinstance(v, dict) or "perp_norm_mean" not in v:
+            continue
+        ks = list(v["perp_norm_mean"])
+        k0, k1 = ks[0], ks[-1]
+        rows.append([name, f"{k0} -> {k1}"] + [f"{fmt(v[q][k0])} -> {fmt(v[q][k1])}" for q in
+                    ("par_norm_mean", "perp_norm_mean", "along_theta_par_mean", "along_theta_perp_mean")])
+    return table(["run", "rounds", "|x_par|", "|x_perp|", "along theta_par", "along theta_perp"], rows)
+
+
+def r_gg_runtime(d):
+    rows = [[k, v["rounds_to_converge"], v["time_per_round_s"], v["unguided_pass_s"], v["ratio_round_unguided"],
+             v["total_s"], v["ratio_total_unguided"]] for k, v in d.items() if isinstance(v, dict)
+            and "rounds_to_converge" in v]
+    lines = table(["objective", "rounds to converge", "s / round", "s / unguided pass", "round / pass", "total s",
+                   "total / pass"], rows)
+    if "pass_times_s" in d:
+        lines += ["One pass (seconds and ratios):", ""]
+        lines += table(list(d["pass_times_s"]), [list(d["pass_times_s"].values())])
+    return lines
+
+
+def r_ctrl_toy_density(d):
+    rows = []
+    for k, v in d["numbers"].items():
+        label, method, _ = k.split("/")
+        rows.append([label, method, v])
+    return table(["label", "method", "KL to the exact target"], rows)
+
+
+def r_ctrl_toy_table(d):
+    rows = []
+    for label, res in d["results"].items():
+        for method, m in res["methods"].items():
+            if m.get("accuracy") is None:
+                continue
+            rows.append([label, method, m.get("accuracy"), m.get("macro_f1"), m.get("log_lik"), m.get("kl")])
+    lines = table(["label", "method", "accuracy", "macro-F1", "E log p(y|x)", "KL"], rows)
+    ece_rows = [[label, res["ece"].get("temperature"), res["ece"].get("test_nll_before"), res["ece"].get("test_nll_after"),
+                 res["ece"].get("test_before"), res["ece"].get("test_after")]
+                for label, res in d["results"].items() if "ece" in res]
+    if ece_rows:
+        lines += ["Temperature scaling (fresh pairs):", ""]
+        lines += table(["label", "T", "NLL before", "NLL after", "ECE before", "ECE after"], ece_rows)
+    return lines
+
+
+def r_ctrl_toy_efficiency(d):
+    s = d["summary"]
+    rows = [[n, s["ctrl_kl_mean"][i], f"{fmt(s['ctrl_kl_min'][i])} .. {fmt(s['ctrl_kl_max'][i])}", s["cfg_kl_mean"][i],
+             f"{fmt(s['cfg_kl_min'][i])} .. {fmt(s['cfg_kl_max'][i])}", s["ctrl_acc_mean"][i], s["cfg_acc_mean"][i]]
+            for i, n in enumerate(d["sizes"])]
+    lines = [f"KL floor (exact-target samples): {fmt(d.get('kl_floor'))}; mean and range over seeds.", ""]
+    lines += table(["offline pairs", "KL CTRL", "range", "KL CFG", "range", "accuracy CTRL", "accuracy CFG"], rows)
+    temps = {}
+    for r in d.get("rows", []):
+        temps.setdefault(r["size"], []).append(r.get("ece", {}).get("temperature"))
+    if temps:
+        lines += ["Fitted temperatures per size (one per seed): " +
+                  "; ".join(f"{n}: {fmt(t)}" for n, t in temps.items()) + ".", ""]
+    return lines
+
+
+def r_ctrl_toy_gamma(d):
+    rows = [[r["gamma"], r["w"], r["ctrl_kl"], r["cfg_kl"], r["floor_kl"], r["ctrl_loglik"], r["cfg_loglik"],
+             r["floor_loglik"]] for r in d["rows"]]
+    return [f"Trained at gamma = {fmt(d.get('gamma_train'))}.", ""] + table(
+        ["gamma", "w", "KL CTRL", "KL CFG", "KL floor", "E log p CTRL", "E log p CFG", "E log p exact"], rows)
+
+
+def r_ctrl_toy_two_labels(d):
+    methods = list(d["mean_kl"])
+    rows = [[m, d["mean_kl"][m], d.get("mean_joint_accuracy", {}).get(m)] for m in methods]
+    return table(["method", "mean KL", "mean joint accuracy"], rows)
+
+
+def r_digits_ctrl(d):
+    rows = [[k, v.get("judge_accuracy"), v.get("nn_distance_mean")] for k, v in d["metrics"].items()]
+    lines = table(["samples", "accuracy under the independent judge", "distance to the nearest training digit"], rows)
+    c = d.get("classifier", {})
+    if c:
+        lines += [f"Temperature scaling: T = {fmt(c.get('temperature'))}, held-out ECE {fmt(c.get('ece_before'))} -> "
+                  f"{fmt(c.get('ece_after'))}; the judge scores {fmt(c.get('judge_split_accuracy'))} on its own split.", ""]
+    return lines
+
+
+def _claim_rows(group):
+    rows = []
+    for name, c in group.items():
+        if isinstance(c, dict) and "levels" not in c:
+            rows += _claim_rows(c)  # grouped by axis
+            continue
+        if not isinstance(c, dict):
+            continue
+        lv = c["levels"]
+        mid = next((x for x in lv if x.get("fraction") == 0.5), None)
+        seeds = mid.get("per_seed") if mid else None
+        rows.append([f"{c.get('fast', name)} vs {c.get('slow', '')}", c.get("axis"), c.get("key")]
+                    + [x.get("ratio") for x in lv]
+                    + [f"{fmt(min(seeds))} .. {fmt(max(seeds))}" if seeds else "-"])
+    return rows
+
+
+def r_draft_toy_compare(d):
+    lines = []
+    for key in ("summary_reward_a", "summary_threshold"):
+        s = d.get(key)
+        if not s:
+            continue
+        lines += [f"Reward `{s['key']}`: pre-trained {fmt(s['pretrained'])}, half level {fmt(s['half_level'])}.", ""]
+        lines += table(["method", "final mean", "final std", "queries to half the best gain", "wall s / run", "queries"],
+                       [[m, v.get("final_mean"), v.get("final_std"), v.get("queries_to_half_best_gain"),
+                         v.get("wall_time_s"), v.get("queries")] for m, v in s["methods"].items()])
+    for name, group in d.get("claims", {}).items():
+        rows = _claim_rows(group)
+        if rows:
+            lines += [f"Speed ratios, `{name}` (at 25 / 50 / 75 % of the gain; per-seed range at 50 %):", ""]
+            lines += table(["comparison", "axis", "reward", "25 %", "50 %", "75 %", "per seed, 50 %"], rows)
+    return lines
+
+
+def r_draft_toy_grad_k(d):
+    return table(["K", "gradient norm (mean over seeds)", "angle to DRaFT-1, deg"],
+                 [[k, n, a] for k, n, a in zip(d["ks"], d["grad_norm_mean"], d["angle_mean"])])
+
+
+def r_draft_toy_lora(d):
+    lines = ["LoRA scale sweep:", ""]
+    lines += table(["scale", "r_A", "r_B", "path KL"],
+                   [[r["scale"], r["reward_a"], r["reward_b"], r.get("kl")] for r in d["scale"]])
+    lines += ["Adapters combined:", ""]
+    lines += table(["model", "r_A", "r_B", "r_A + r_B", "spread", "modes"],
+                   [[k, v["reward_a"], v["reward_b"], v.get("reward_a+b"), v.get("spread"), v.get("modes_covered")]
+                    for k, v in d["combine"].items()])
+    w = d.get("window", {})
+    if w:
+        lines += ["Adapter on part of the chain only (r_A):", ""]
+        lines += table(["m"] + list(w), [[w[list(w)[0]][i]["m"]] + [w[k][i]["reward_a"] for k in w]
+                                         for i in range(len(w[list(w)[0]]))])
+    return lines
+
+
+def r_draft_toy_diversity(d):
+    rows = []
+    for name, run in d["runs"].items():
+        f = run["curve"][-1]
+        rows.append([name, f.get("queries"), f.get("reward_a"), f.get("spread"), f.get("modes_covered"), f.get("kl")])
+    for o in {o["lam"]: o for o in d.get("optimum", {}).values()}.values():  # one row per lam
+        rows.append([f"exact optimum, lam = {fmt(o['lam'])}", "-", o["reward"], o["spread"], o["modes_2pct"], o["kl"]])
+    lines = table(["run", "queries", "r_A", "spread sqrt(tr Cov)", "modes", "path KL"], rows)
+    lines += ["Objective r - lam KL of the exact optimum = lam log Z: " + "; ".join(
+        f"lam = {fmt(o['lam'])}: {fmt(o['objective'])}" for o in
+        {o["lam"]: o for o in d.get("optimum", {}).values()}.values()) + ".", ""]
+    return lines
+
+
+RENDERERS = {name[2:]: fn for name, fn in globals().items() if name.startswith("r_") and callable(fn)}
+
+
+def generic(d, limit: int = 40) -> list[str]:
+    items = [(k, v) for k, v in flat(d) if not k.startswith(("config", "settings", "verdict"))]
+    if not items:
+        return ["(no scalar numbers in this figure's data)", ""]
+    more = len(items) - limit
+    lines = table(["quantity", "value"], [[f"`{k}`", v] for k, v in items[:limit]])
+    if more > 0:
+        lines += [f"... and {more} more in the JSON.", ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+def _settings(doc) -> dict:
+    for holder in (doc, doc.get("data", {})):
+        for key in ("settings", "config"):
+            if isinstance(holder.get(key), dict):
+                return holder[key]
+    return {}
+
+
+def _verdicts(doc) -> list[str]:
+    v = doc.get("verdicts", doc.get("data", {}).get("verdicts"))
+    if v is None:
+        v = doc.get("verdict", doc.get("data", {}).get("verdict"))
+    if v is None:
+        return []
+    out = []
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if isinstance(x, dict):
+                head = x.get("verdict", "")
+                rest = "; ".join(f"{kk}: {fmt(vv)}" for kk, vv in x.items() if kk != "verdict"
+                                 and not isinstance(vv, dict) and (not isinstance(vv, list) or len(vv) <= 8))
+                out.append(f"- **{k}**: {fmt(head)}" + (f" ({rest})" if rest else ""))
+            else:
+                out.append(f"- **{k}**: {fmt(x)}")
+    elif isinstance(v, list):
+        out += [f"- {fmt(x) if not isinstance(x, dict) else '; '.join(f'{a}: {fmt(b)}' for a, b in x.items())}" for x in v]
+    else:
+        out.append(f"- {fmt(v)}")
+    return out
+
+
+def render_figure(doc: dict, fig_dir: Path) -> list[str]:
+    name = doc.get("figure", "?")
+    data = doc.get("data", {})
+    mode = "quick settings" if doc.get("quick") else "full settings"
+    wall = doc.get("wall_time_s")
+    head = [f"### `{name}`", ""]
+    png = fig_dir / f"{name}.png"
+    if png.exists():
+        head += [f"[![{name}](../paper_figs/{name}.png)](../paper_figs/{name}.png)", ""]
+    head += [doc.get("description", ""), ""]
+    meta = [mode]
+    if wall is not None:
+        meta.append(f"wall time {fmt(float(wall))} s")
+    if doc.get("threads") is not None:
+        meta.append(f"{doc['threads']} torch thread(s)")
+    head += ["*" + ", ".join(meta) + ".*", ""]
+    if name in NOTES:
+        head += [NOTES[name], ""]
+    verdicts = _verdicts(doc)
+    if verdicts:
+        head += ["**Verdicts**", ""] + verdicts + [""]
+    body = []
+    fn = RENDERERS.get(name)
+    if fn is not None:
+        try:
+            body = fn(data)
+        except (KeyError, TypeError, IndexError, ValueError, AttributeError):
+            body = []
+    if not body:
+        body = generic(data)
+    settings = flat(_settings(doc))
+    if settings:
+        shown = settings[:SETTINGS_SHOWN]
+        more = f" ... ({len(settings) - len(shown)} more in the JSON)" if len(settings) > len(shown) else ""
+        body += ["<details><summary>Settings</summary>", ""]
+        body += [", ".join(f"`{k}` = {fmt(v)}" for k, v in shown) + more, "", "</details>", ""]
+    return head + body
+
+
+def render(fig_dir: Path = FIG_DIR) -> str:
+    docs = []
+    for p in sorted(fig_dir.glob("*.json")):
+        doc = json.loads(p.read_text())
+        doc.setdefault("figure", p.stem)
+        docs.append(doc)
+    lines = [
+        "# Measured results",
+        "",
+        "<!-- Generated by `python tools/make_results.py` from paper_figs/*.json; do not edit by hand. -->",
+        "",
+        "Every number on this page is read from the JSON that `diffsteer figures` wrote next to each figure in",
+        "`paper_figs/`, by `tools/make_results.py`; a test re-renders the page and fails if it is out of date.",
+        "A figure made with `--quick` says so. Wall times are those the producing run recorded, on a shared",
+        "2-core CPU machine. The mathematics behind the quantities is in [theory.md](theory.md).",
+        "",
+    ]
+    index = []
+    body = []
+    placed = set()
+    for prefix, title in SECTIONS + [("", "Other figures")]:
+        group = [d for d in docs if d["figure"].startswith(prefix) and d["figure"] not in placed]
+        if not group:
+            continue
+        placed.update(d["figure"] for d in group)
+        index.append(f"- {title}: " + ", ".join(f"`{d['figure']}`" for d in group))
+        body += [f"## {title}", ""]
+        for d in group:
+            body += render_figure(d, fig_dir)
+    lines += index + [""] + body + [TRAILER]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Render docs/results.md from paper_figs/*.json.")
+    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if docs/results.md is out of date")
+    ap.add_argument("--out", default=str(OUT), help="output file (default docs/results.md)")
+    args = ap.parse_args(argv)
+    text = render(FIG_DIR)
+    out = Path(args.out)
+    if args.check:
+        if not out.exists() or out.read_text() != text:
+            print(f"{out} is out of date: run python tools/make_results.py", file=sys.stderr)
+            return 1
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out} ({text.count(chr(10))} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
