@@ -7,8 +7,10 @@ def add_parser(sub) -> None:
                        description="Sample a local diffusers SD-style pipeline with theory.solvers.sample "
                                    "(DDIM(eta) on the scheduler's own grid, classifier-free guidance). "
                                    "Writes PNGs and the latents' stats into OUT.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy)")
+    src = p.add_mutually_exclusive_group(required=False)
+    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy); default: "
+                                     "the digits pipeline trained here, built into the cache on first use "
+                                     "(prompts such as 'a handwritten digit 7')")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
     p.add_argument("--prompt", nargs="+", default=["a photo of a cat"], help="one or more prompts")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
@@ -31,8 +33,10 @@ def add_parser(sub) -> None:
                                    "UNet's attention, optional KL to the pre-trained model (--lam). Checkpoints "
                                    "atomically into OUT/checkpoint and resumes from it; writes OUT/lora.safetensors, "
                                    "OUT/history.json and OUT/summary.json.")
-    src = f.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy)")
+    src = f.add_mutually_exclusive_group(required=False)
+    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy); default: "
+                                     "the digits pipeline trained here, built into the cache on first use "
+                                     "(prompts such as 'a handwritten digit 7')")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
     f.add_argument("--prompt", nargs="+", default=["a photo of a cat"], help="training prompts")
     f.add_argument("--reward", default="colourfulness", help="colourfulness, brightness or compressibility (DDPO only)")
@@ -55,11 +59,13 @@ def add_parser(sub) -> None:
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--out", default="runs/sd-finetune", help="output folder (resumed from if it holds a checkpoint)")
     f.set_defaults(func=run_finetune_cmd)
+    add_digits_parser(sub)
 
 
 def run_finetune_cmd(args) -> int:
     from .finetune import SDFinetuneConfig, run_finetune
 
+    use_default_model(args)
     cfg = SDFinetuneConfig(model=args.model, tiny=args.tiny, prompts=tuple(args.prompt), reward=args.reward,
                            method=args.method, k=args.k, lv_n=args.lv_n, steps=args.steps,
                            batch_size=args.batch_size, sample_steps=args.sample_steps, eta=args.eta,
@@ -86,6 +92,7 @@ def run_sample(args) -> int:
         raise ValueError("--n, --steps: must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if args.fp16 else torch.float32
+    use_default_model(args)
     if args.tiny:
         from .tiny import tiny_pipeline
 
@@ -121,4 +128,62 @@ def run_sample(args) -> int:
         Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(out / f"sample_{i:03d}.png")
     (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=1))
     print(f"wrote {len(imgs)} images to {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the digits pipeline (default model)
+
+
+def use_default_model(args) -> None:
+    """``--model`` absent and no ``--tiny``: the digits pipeline trained here (imaging.digits_pipeline),
+    built into the cache on first use with a progress display."""
+    if getattr(args, "tiny", False) or getattr(args, "model", None) is not None:
+        return
+    from .digits_pipeline import ensure_digits_pipeline
+
+    args.model = str(ensure_digits_pipeline(progress=not getattr(args, "no_progress", False)))
+
+
+def add_digits_parser(sub) -> None:
+    d = sub.add_parser(
+        "digits-pipeline", help="train the small SD-shaped pipeline on the 8x8 digits (the default model)",
+        description="Train a Stable-Diffusion-shaped pipeline (AutoencoderKL, CLIP tokenizer and text encoder, "
+                    "UNet2DConditionModel with cross-attention, DDIM) on scikit-learn's 8x8 digits, save it with "
+                    "save_pretrained, and measure it with a judge fitted on held-out digits (accuracy at CFG 1, 3, "
+                    "7.5). Without --out it goes into the cache ($DIFFSTEER_CACHE or the user cache folder, "
+                    "keyed by the config) and is reused if already built; sd-sample and sd-finetune use it when "
+                    "no --model is given.")
+    d.add_argument("--out", default=None, help="folder to write the pipeline into (absent or empty; default: the cache)")
+    d.add_argument("--steps", type=int, default=None, help="UNet + text-encoder training steps (default 2500)")
+    d.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 150)")
+    d.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
+    d.add_argument("--eval-n", type=int, default=None, help="samples per digit for the judged accuracy (default 50)")
+    d.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 is fastest on a shared or busy machine)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=run_digits_pipeline_cmd)
+
+
+def run_digits_pipeline_cmd(args) -> int:
+    import json
+    from dataclasses import replace
+
+    over = {"unet_steps": args.steps, "vae_steps": args.vae_steps, "seed": args.seed, "eval_n_per_class": args.eval_n}
+    for opt, v in (("--steps", args.steps), ("--vae-steps", args.vae_steps), ("--eval-n", args.eval_n),
+                   ("--threads", args.threads)):
+        if v is not None and v < 1:
+            raise ValueError(f"{opt}: must be >= 1, got {v}")
+    import torch
+
+    from .digits_pipeline import INFO_FILE, DigitsPipelineConfig, ensure_digits_pipeline
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = replace(DigitsPipelineConfig(), **{k: v for k, v in over.items() if v is not None})
+    path = ensure_digits_pipeline(cfg, progress=not args.no_progress, out=args.out)
+    info = json.loads((path / INFO_FILE).read_text())
+    acc = ", ".join(f"CFG {w}: {r['accuracy']:.3f}" for w, r in info["judged_accuracy"].items())
+    print(f"digits pipeline at {path}\n  {info['unet_steps']} UNet steps, {info['vae_steps']} VAE steps, "
+          f"training {info['wall_s']['train_total']:.0f} s; VAE reconstruction MSE {info['vae_recon_mse']:.4f}\n"
+          f"  judged accuracy {acc} (judge on real digits {info['judge']['real_8x8']:.3f})")
     return 0

@@ -482,10 +482,18 @@ def default_pipeline_dir(config: DigitsPipelineConfig | None = None) -> Path:
     return cache_root() / f"digits-pipeline-{(config or DigitsPipelineConfig()).key()}"
 
 
-def is_digits_pipeline(folder: str | Path) -> bool:
-    """A complete pipeline folder: model_index.json and the info file (written last) are there."""
+def is_digits_pipeline(folder: str | Path, config: DigitsPipelineConfig | None = None) -> bool:
+    """A complete pipeline folder: model_index.json and the info file (written last) are there; with
+    ``config``, also built from that config (same cache key)."""
     p = Path(folder)
-    return (p / "model_index.json").is_file() and (p / INFO_FILE).is_file()
+    if not ((p / "model_index.json").is_file() and (p / INFO_FILE).is_file()):
+        return False
+    if config is None:
+        return True
+    try:
+        return json.loads((p / INFO_FILE).read_text()).get("key") == config.key()
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress: bool = True,
@@ -493,12 +501,23 @@ def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress:
     """The folder of the digits pipeline of ``config`` (default config: the embedded default model),
     building it on first use (minutes on a CPU, with a progress display). The build goes into a
     temporary folder renamed into place under a lock file, so concurrent callers wait for one build and
-    an interrupted build leaves nothing half-written. ``out``: a folder instead of the cache's."""
+    an interrupted build leaves nothing half-written. ``out``: a folder instead of the cache's; it must
+    be absent, empty, or hold the pipeline of this same config (then it is reused)."""
     cfg = config or DigitsPipelineConfig()
-    target = Path(out) if out is not None else default_pipeline_dir(cfg)
-    if not is_digits_pipeline(target) and progress:
-        print(f"building the digits pipeline into {target} (once; cached)")
-    return atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress), is_digits_pipeline)
+    target = Path(out).expanduser() if out is not None else default_pipeline_dir(cfg)
+    if is_digits_pipeline(target, cfg):
+        return target
+    if out is not None and target.exists():
+        if not target.is_dir():
+            raise ValueError(f"out: '{target}' is a file; pass a folder for the pipeline")
+        if is_digits_pipeline(target):
+            raise ValueError(f"out: '{target}' holds a digits pipeline of another config; pass a new folder")
+        if any(target.iterdir()):
+            raise ValueError(f"out: '{target}' is not empty; pass a new or empty folder for the pipeline")
+    if progress:
+        print(f"building the digits pipeline into {target} (once; cached)", flush=True)
+    return atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress),
+                        lambda p: is_digits_pipeline(p, cfg))
 
 
 # ----------------------------------------------------------------------------- judge
