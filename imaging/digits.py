@@ -6,8 +6,8 @@ classifier p_phi(y | x) learnt by maximum likelihood from offline (x, y) pairs a
 on a held-out split, and CTRL (Zhao et al. 2024, Algorithm 1): the pre-trained model augmented with LoRA
 and a zero-initialised label embedding (``theory.engine.SteeredModel``), fine-tuned by
 ``theory.engine.finetune`` to maximise  E[gamma log p_phi(y | x0)] - KL(path || pre-trained path)
-(reward log p_phi, KL weight lam = 1 / gamma; THEORY.md 4). The baseline is DPS / reconstruction
-guidance with the same classifier (THEORY.md 6). Samples are judged by a second classifier
+(reward log p_phi, KL weight lam = 1 / gamma; docs/theory.md §4, §6). The baseline is DPS / reconstruction
+guidance with the same classifier (docs/theory.md §6). Samples are judged by a second classifier
 (scikit-learn logistic regression) fitted on a split that neither the model nor p_phi saw, and their
 realism by the distance to the nearest training digit.
 """
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from sims.registry import figure
+from theory.registry import figure
 from theory.classifiers import ClassifierMLP, FitConfig, expected_calibration_error, fit_mle, fit_temperature
 from theory.guidance import dps_guidance
 from theory.nets import DSMConfig, EpsMLP, cached, train_dsm

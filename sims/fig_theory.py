@@ -1,23 +1,23 @@
-"""The first figure (issue 2, section 4): KL-regularised steering of a 2-D labelled mixture, all exact.
+"""The theory figure: KL-regularised steering of a 2-D labelled mixture, all exact.
 
 ``theory_tilting`` draws, for a four-component 2-D labelled mixture (two classes, two components each,
 unequal weights) under the OU schedule (``ConstantBeta``, alpha(t) = exp(-t/2)):
 
 (a) pre-trained samples (DDPM on the exact eps) over the data density;
-(b) the exact tilted target p_gamma(x | y) ∝ p(y | x)^gamma p(x) at gamma = 1 (THEORY.md 5: the class
-    conditional) with samples of the h-transform (THEORY.md 4: g = grad log h_t, here h_t = p(y | x_t)
+(b) the exact tilted target p_gamma(x | y) ∝ p(y | x)^gamma p(x) at gamma = 1 (docs/theory.md §5: the class
+    conditional) with samples of the h-transform (docs/theory.md §4: g = grad log h_t, here h_t = p(y | x_t)
     exactly, i.e. classifier guidance, CTRL Lemma 2) started from the tilted initial law p*_T;
 (c) the same at gamma = 4 (lam = 1/4): the target normalised on a grid, the h-transform by Gauss-Hermite
     quadrature over the exact posterior (``theory.values.quadrature_log_h``), started from p*_T;
 (d) the contrast: gamma-scaled classifier guidance, gamma grad log p(y | x_t), which is NOT the
     h-transform for gamma != 1, against the same gamma = 4 target;
-(e) the terminal bias of the optimal drift started from the UNTILTED p_T (THEORY.md 4) against alpha(T),
+(e) the terminal bias of the optimal drift started from the UNTILTED p_T (docs/theory.md §4) against alpha(T),
     for the mixture at gamma = 1 (Monte Carlo, with the tilted start at the same T as the reference);
 (f) the same for Gaussian data with a linear reward, where the biased terminal law is in closed form
     (``theory.values.biased_terminal_gaussian``): closed-form line, Monte Carlo markers.
 
 Distances: KL_hat(histogram of samples || binned exact target) on 40 x 40 bins of [-5, 5]^2 (the
-estimator of ``sims.ctrl_toy.metrics.grid_kl``, positive bias of about (occupied bins - 1) / (2 N), shown
+estimator of ``sims.grid2d.grid_kl``, positive bias of about (occupied bins - 1) / (2 N), shown
 by the floor: exact-target samples of the same size); mean errors with their Monte Carlo standard error
 sqrt(tr Cov / N). Every number drawn is in the JSON. Runs in well under a minute on 2 cores.
 """
@@ -30,10 +30,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sims.ctrl_toy.data import sample_target
-from sims.ctrl_toy.metrics import grid_kl
-from sims.registry import figure
+from sims.grid2d import grid_kl, sample_target
 from theory.exact import GaussianMixture, LinearReward, gaussian
+from theory.registry import figure
 from theory.schedules import ConstantBeta
 from theory.solvers import sample, time_grid
 from theory.values import (
@@ -43,7 +42,7 @@ from theory.values import (
     tilted_density_grid,
 )
 
-__all__ = ["TiltConfig", "mixture", "run", "fig_theory_tilting"]
+__all__ = ["TiltConfig", "mixture", "run", "draw", "fig_theory_tilting", "N_DRAWN"]
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ def _grid(cfg: TiltConfig):
 
 
 def _target(m: GaussianMixture, cfg: TiltConfig, gamma: float):
-    """Exact p_gamma(x | y) on the grid, indexed [iy, ix] (THEORY.md 5)."""
+    """Exact p_gamma(x | y) on the grid, indexed [iy, ix] (docs/theory.md §5)."""
     u, g = _grid(cfg)
     dens, _ = tilted_density_grid(lambda p: m.log_prob(p, 0.0),
                                   lambda p: gamma * m.class_log_prob(p, 0.0)[:, cfg.label], g)
@@ -219,43 +218,46 @@ def _gauss_kl(m1, S1, m2, S2) -> float:
     return float(0.5 * (torch.trace(S2i @ S1) + d @ S2i @ d - D + torch.logdet(S2) - torch.logdet(S1)))
 
 
-def _strip(d):
+#: samples per panel kept in the JSON (the figure draws at most this many per panel), rounded to 1e-3
+N_DRAWN = 1500
+
+
+def _for_json(d):
+    """The numbers of ``run`` as the JSON keeps them: every number, and of each panel's samples the
+    first ``N_DRAWN`` (the ones drawn), rounded to 3 decimals (the JSON is what the figure is drawn from)."""
     if isinstance(d, dict):
-        return {k: _strip(v) for k, v in d.items() if k != "samples"}
+        return {k: (np.round(v[:N_DRAWN].numpy(), 3) if k == "samples" else _for_json(v)) for k, v in d.items()}
     if isinstance(d, list):
-        return [_strip(v) for v in d]
+        return [_for_json(v) for v in d]
     return d
 
 
-@figure("theory_tilting", "Theory: 2-D labelled mixture - pre-trained samples, exact tilted targets at gamma 1 and 4 "
-        "with h-transform samples (and scaled classifier guidance), terminal bias from the untilted p_T vs alpha(T)")
-def fig_theory_tilting(quick: bool = False):
-    import matplotlib
-
-    matplotlib.use("Agg")
+def draw(res: dict):
+    """The figure from the JSON numbers of ``run`` (samples included). The gridded exact targets in the
+    background are recomputed from the recorded config (closed-form densities, no sampling)."""
     import matplotlib.pyplot as plt
 
-    cfg = TiltConfig.quick() if quick else TiltConfig()
-    res = run(cfg)
-    sch = ConstantBeta(1.0, cfg.T)
-    m = mixture(sch)
+    cfg = TiltConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in res["config"].items()})
+    m = mixture(ConstantBeta(1.0, cfg.T))
     fig, ax = plt.subplots(2, 3, figsize=(15, 9.5))
     ext = [-cfg.grid_lim, cfg.grid_lim] * 2
     lim = 4.0
 
     def panel(a, dens, x, title, color):
+        x = np.asarray(x, dtype=float)
         a.imshow(dens.numpy(), origin="lower", extent=ext, cmap="Greys", aspect="equal")
-        k = min(1500, x.shape[0])
-        a.scatter(x[:k, 0].numpy(), x[:k, 1].numpy(), s=2, alpha=0.5, color=color)
+        a.scatter(x[:N_DRAWN, 0], x[:N_DRAWN, 1], s=2, alpha=0.5, color=color)
         a.set_xlim(-lim, lim)
         a.set_ylim(-lim, lim)
+        a.set_xlabel("x_1")
+        a.set_ylabel("x_2")
         a.set_title(title, fontsize=9)
 
-    u, p0 = _target(m, cfg, 0.0)
+    _, p0 = _target(m, cfg, 0.0)
     pr = res["pretrained"]
     panel(ax[0, 0], p0, pr["samples"], f"(a) pre-trained p(x), DDPM samples\nKL {pr['kl']:.3f} (floor "
           f"{pr['kl_floor']:.3f}), P(y={cfg.label}) {pr['label_mass']:.2f}", "tab:gray")
-    g1, g4 = (str(g) for g in cfg.gammas)
+    g1, g4 = (str(float(g)) for g in cfg.gammas)
     for a, letter, gs, key, col, name in (
             (ax[0, 1], "b", g1, None, "tab:blue", "h-transform = classifier guidance"),
             (ax[0, 2], "c", g4, None, "tab:green", "h-transform (quadrature h)"),
@@ -294,10 +296,19 @@ def fig_theory_tilting(quick: bool = False):
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("alpha(T)")
+    a.set_ylabel("|mean(biased) - mean(target)|;  KL (dashed)")
     a.set_title(f"(f) Gaussian data, linear reward: mean error ~ alpha^{bg['loglog_slope_mean_err_vs_alpha']:.2f}",
                 fontsize=9)
     a.legend(fontsize=8)
     fig.suptitle(f"KL-regularised steering, exact: OU schedule, T={cfg.T:g} (alpha(T)={res['alpha_T']:.3f}), "
                  f"{cfg.n_steps} DDPM steps", fontsize=11)
     fig.tight_layout()
-    return fig, _strip(res)
+    return fig
+
+
+@figure("theory_tilting", "Theory: 2-D labelled mixture - pre-trained samples, exact tilted targets at gamma 1 and 4 "
+        "with h-transform samples (and scaled classifier guidance), terminal bias from the untilted p_T vs alpha(T)",
+        draw=draw)
+def fig_theory_tilting(quick: bool = False) -> dict:
+    """The numbers of ``run`` at full (or quick) settings, as the JSON keeps them (see ``_for_json``)."""
+    return _for_json(run(TiltConfig.quick() if quick else TiltConfig()))

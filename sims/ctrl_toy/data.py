@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import torch
 
+from sims.grid2d import sample_target  # shared with sims.fig_theory
 from theory.classifiers import check_offline
 from theory.exact import GaussianMixture
 from theory.nets import EpsMLP, cached, train_dsm
@@ -162,12 +163,3 @@ def exact_target(label_log_prob, gamma: float, cfg: ToyConfig = ToyConfig()):
     du = float(u[1] - u[0])
     w = torch.softmax(lt, 0) / du**2
     return u, w.reshape(cfg.grid_n, cfg.grid_n)
-
-
-def sample_target(u: torch.Tensor, dens: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n exact-target samples: a grid cell by its mass, then uniform jitter within the cell (the KL floor)."""
-    du = float(u[1] - u[0])
-    idx = torch.multinomial(dens.flatten(), n, replacement=True, generator=generator)
-    iy, ix = idx // u.numel(), idx % u.numel()
-    jit = (torch.rand(n, 2, generator=generator, dtype=torch.float64) - 0.5) * du
-    return torch.stack([u[ix], u[iy]], 1) + jit

@@ -1,4 +1,4 @@
-"""Figures of the CTRL toy (issue 5), registered with ``sims.registry``:
+"""Figures of the CTRL toy, registered with ``theory.registry.figure``:
 
 1. ``ctrl_toy_density``: density panels, exact target vs each method, one row per label kind.
 2. ``ctrl_toy_table``: accuracy / macro-F1 / mean label log-likelihood / KL to the target per method and label.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sims.registry import figure
+from theory.registry import figure
 
 from . import data
 from .configs import CompareConfig, EfficiencyConfig, GammaConfig, TwoLabelConfig

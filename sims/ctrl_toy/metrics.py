@@ -7,13 +7,14 @@ outside are clamped into the edge bins), q_j = sample fraction, p_j = exact targ
 KL_hat = sum_j q_j log(q_j / p_j) estimates KL(q_binned || p_binned) <= KL(q || p) (binning loses
 information: biased LOW by the within-bin discrepancy), and the finite sample biases it HIGH by about
 (m - 1) / (2 N) (m = bins with mass; Miller-Madow). We report KL_hat and the same estimator on N exact
-target samples (``kl_floor``), the value a perfect sampler would get.
+target samples (``kl_floor``), the value a perfect sampler would get. (``grid_kl`` and ``bin_mass`` live in
+``sims.grid2d``, shared with the theory figure.)
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from sims.grid2d import bin_mass, grid_kl  # shared with sims.fig_theory
 
 __all__ = ["label_metrics", "confusion", "macro_f1", "grid_kl", "bin_mass"]
 
@@ -52,29 +53,3 @@ def label_metrics(samples: dict, true_log_prob) -> dict:
     C = confusion(pred, y, n_classes)
     return dict(accuracy=float((pred == y).double().mean()), macro_f1=macro_f1(C), confusion=C.tolist(),
                 log_lik=float(torch.cat(ll).mean()), soft_accuracy=float(torch.cat(soft).mean()))
-
-
-def bin_mass(u: torch.Tensor, dens: torch.Tensor, bins: int) -> torch.Tensor:
-    """Exact target mass per histogram bin (sum of grid densities * du^2), (bins, bins) [iy, ix]."""
-    n = u.numel()
-    lim = float(u[-1])
-    du = float(u[1] - u[0])
-    idx = torch.clamp(((u + lim) / (2 * lim) * bins).long(), 0, bins - 1)
-    M = torch.zeros(bins, bins, dtype=torch.float64)
-    M.index_put_((idx[:, None].expand(n, n).flatten(), idx[None, :].expand(n, n).flatten()),
-                 dens.flatten() * du**2, accumulate=True)
-    return M / M.sum()
-
-
-def grid_kl(x: torch.Tensor, u: torch.Tensor, dens: torch.Tensor, bins: int) -> float:
-    """KL_hat(q_hist || p_binned) of samples x (N, 2) to the exact target (see module docstring)."""
-    if not bool(torch.isfinite(x).all()):
-        return math.inf
-    lim = float(u[-1])
-    P = bin_mass(u, dens, bins)
-    ij = torch.clamp(((x.double() + lim) / (2 * lim) * bins).long(), 0, bins - 1)
-    Q = torch.zeros(bins, bins, dtype=torch.float64)
-    Q.index_put_((ij[:, 1], ij[:, 0]), torch.ones(x.shape[0], dtype=torch.float64), accumulate=True)
-    Q = Q / Q.sum()
-    m = Q > 0
-    return float((Q[m] * (Q[m].log() - P[m].clamp(min=1e-300).log())).sum())

@@ -1,4 +1,4 @@
-"""Figures of the DRaFT toy (issue 6), registered with ``sims.registry``:
+"""Figures of the DRaFT toy, registered with ``theory.registry.figure``:
 
 - ``draft_toy_compare``: reward A against reward queries and against training wall time, every method
   (mean over seeds, band = min..max over seeds), and the threshold success against queries.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sims.registry import figure
+from theory.registry import figure
 
 from .configs import CompareConfig, DiversityConfig, GradKConfig, LoraConfig
 from .experiments import claims, compare, diversity, grad_vs_k, lora_analysis, summarise_compare
@@ -138,7 +138,7 @@ def fig_diversity(quick: bool = False):
         S = np.array(run["final_samples"])
         axes[4].scatter(S[:, 0], S[:, 1], s=3, alpha=0.5, color=f"C{i}", label=label)
         opt = d["optimum"].get(label)
-        if opt is not None:  # the exact KL-regularised optimum of this lam (THEORY.md 4-5)
+        if opt is not None:  # the exact KL-regularised optimum of this lam (docs/theory.md §4-5)
             for ax, key in zip(axes[:4], ("reward", "spread", "modes_2pct", "kl")):
                 ax.axhline(opt[key], color=f"C{i}", ls=":", lw=1)
     for ax, t in zip(axes, ["reward A", "spread sqrt(tr Cov)", "modes with >= 2% of samples",

@@ -1,6 +1,6 @@
-"""The six figures of issue 4, registered with ``sims.registry.figure`` (``diffsteer figures --only``).
+"""The six gradient-guidance figures, registered with ``theory.registry.figure`` (``diffsteer figures --only``).
 
-Full settings (the paper's, GRADIENT_GUIDANCE.md) are the default; ``quick`` shrinks rounds (1/10),
+Full settings (the paper's, docs/theory.md §7) are the default; ``quick`` shrinks rounds (1/10),
 seeds (2) and sampler steps (20). Each figure reads the numbers of ``sims.gradguide.experiments``.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from sims.registry import figure
+from theory.registry import figure
 
 from .config import Setup, SphereConfig, alg_runs, convergence_runs, quick_sphere
 from .data import basis, objective

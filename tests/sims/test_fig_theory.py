@@ -1,4 +1,4 @@
-"""The first figure (issue 2, section 4): ``theory_tilting`` is registered, draws, and its numbers say
+"""The theory figure: ``theory_tilting`` is registered, draws, and its numbers say
 what the theory says. Monte Carlo comparisons use the standard error sqrt(tr Cov / N) that the figure
 itself records, at 4-5 SE (two-sided p < 1e-4 under normality) plus, where a discretised chain is
 compared with a continuous-time closed form, the solver's bias, bounded here by the step count (60 DDPM
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from sims import registry
+from diffsteer.cmd_figures import figure_modules
 from sims.fig_theory import TiltConfig, run
+from theory import registry
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,23 @@ def test_terminal_bias_shrinks_with_alpha_T(res):
         assert r["tilted_mean_err"] < 5 * r["tilted_se"], r
     for r in res["bias_gaussian"]["monte_carlo"]:
         assert r["mc_vs_closed_form_in_se"] < 5, r
-    # closed form: |(S - C_T) b| ~ alpha^2 as alpha -> 0 (THEORY.md 4)
+    # closed form: |(S - C_T) b| ~ alpha^2 as alpha -> 0 (docs/theory.md §4)
     assert abs(res["bias_gaussian"]["loglog_slope_mean_err_vs_alpha"] - 2.0) < 0.1
 
 
-def test_figure_registered_and_written(tmp_path):
+def test_figure_registered_written_and_redrawn_from_its_json(tmp_path):
     import imaging.digits  # noqa: F401  (imported first on purpose: drawing order must not depend on it)
 
-    assert registry.ordered_names()[0] == "theory_tilting"
-    assert registry.ordered_names()[-1] == "digits_ctrl"
-    out = registry.run_figures(["theory_tilting"], out=tmp_path, quick=True, progress=False)
-    assert (tmp_path / "theory_tilting.png").stat().st_size > 10_000
+    names = registry.ordered_names(figure_modules())
+    assert names[0] == "theory_tilting"
+    assert names[-1] == "digits_ctrl"
+    out = registry.run_figures(["theory_tilting"], out=tmp_path, quick=True, progress=False, log=lambda s: None)
+    png = (tmp_path / "theory_tilting.png").read_bytes()
+    assert len(png) > 10_000
     data = json.loads((tmp_path / "theory_tilting.json").read_text())
-    assert "bias_mixture" in json.dumps(data) and "theory_tilting" in out
+    assert "bias_mixture" in data["data"] and "theory_tilting" in out and data["quick"] is True
+    assert len(data["data"]["pretrained"]["samples"]) == 1000  # the drawn samples are in the JSON
+    # the figure is drawn from its JSON alone: re-drawing it gives the same PNG, byte for byte
+    (tmp_path / "theory_tilting.png").unlink()
+    assert registry.replot_figures(["theory_tilting"], tmp_path, log=lambda s: None) == {}
+    assert (tmp_path / "theory_tilting.png").read_bytes() == png

@@ -1,0 +1,378 @@
+"""The figure registry behind ``diffsteer figures``: it registers, orders, runs, re-draws and writes figures.
+
+It lives in ``theory`` (the bottom layer) so that ``sims`` and ``imaging`` can both register figures without
+importing each other; it imports neither of them. Which modules hold figures is said by the caller
+(the ``diffsteer`` command line gathers the lists of ``sims`` and ``imaging``).
+
+A figure is registered in one of two forms:
+
+- ``@figure(name, description, draw=draw_fn)`` on ``fn(quick) -> dict``: ``fn`` runs the experiment
+  (full settings by default, reduced ones with ``quick``) and returns the numbers; ``draw_fn(data)``
+  draws a matplotlib Figure from those numbers *as stored in the JSON* (plain lists / dicts / strings,
+  non-finite floats as the strings "nan" / "inf"). Such a figure can be re-drawn from its JSON alone
+  (``replot``), with no computation.
+- ``@figure(name, description)`` on ``fn(quick) -> (Figure, dict)`` (draws while computing; no re-draw).
+
+Each figure is written as ``<name>.png`` and ``<name>.json``; the JSON holds the numbers, the settings
+(``quick``), the wall time of the computation and the figure's code version (``code_hash``).
+
+A figure's output is *current* when both files exist and the JSON records the same settings (``quick``)
+and the same code version. The code version is the SHA-256 of the source of the figure's module and
+of every first-party module it imports, transitively (``theory``, ``sims``, ``imaging``, found from the
+import statements without running them); a change to any of those files makes the figure stale, a change
+elsewhere (another experiment, the docs, an installed library's version) does not.
+
+Long experiments report their progress inside a figure through :func:`theory.progress.report`.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from .io import atomic_write_bytes, atomic_write_json
+
+__all__ = ["FigureSpec", "FIGURES", "figure", "load", "ordered_names", "to_jsonable", "code_hash", "is_current",
+           "recorded_wall_time", "check_writable", "run_figures", "replot_figures", "FIRST_PARTY"]
+
+#: top-level packages whose source counts towards a figure's code version.
+FIRST_PARTY = ("theory", "sims", "imaging")
+
+
+@dataclass(frozen=True)
+class FigureSpec:
+    name: str
+    fn: Callable
+    description: str
+    module: str
+    draw: Optional[Callable] = None  # draw(json data) -> Figure; None: fn draws while computing
+
+
+FIGURES: dict[str, FigureSpec] = {}
+
+
+def figure(name: str, description: str, draw: Optional[Callable] = None):
+    """Decorator registering a figure under ``name`` (see the module docstring for the two forms)."""
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"name: figure names are file stems (letters, digits, '_', '-'), got {name!r}")
+
+    def deco(fn):
+        if name in FIGURES and FIGURES[name].fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"name: figure {name!r} is registered twice ({FIGURES[name].module}, {fn.__module__})")
+        FIGURES[name] = FigureSpec(name, fn, description, fn.__module__, draw)
+        return fn
+
+    return deco
+
+
+def load(modules: Iterable[str]) -> dict[str, str]:
+    """Import every figure module; returns {module: why it is not loaded} for those that could not be
+    imported because they, or a package they need, are not installed (e.g. an optional extra). The caller
+    reports them; nothing is skipped silently. Any other error in a module propagates."""
+    missing = {}
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            missing[mod] = f"needs the module {e.name!r}, which is not installed" if e.name else str(e)
+    return missing
+
+
+def ordered_names(modules: Sequence[str]) -> list[str]:
+    """Every registered figure in drawing order: by its module's place in ``modules``, then in registration
+    order within the module (independent of the order in which modules were imported). Loads ``modules``."""
+    load(modules)
+    rank = {m: i for i, m in enumerate(modules)}
+    names = list(FIGURES)
+    return sorted(names, key=lambda n: (rank.get(FIGURES[n].module, len(rank)), names.index(n)))
+
+
+def to_jsonable(obj):
+    """numpy / torch / dataclass values -> plain JSON types (NaN and inf become strings)."""
+    import dataclasses
+
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        torch = None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return to_jsonable(obj.detach().cpu().numpy())
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return v if math.isfinite(v) else str(v)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# --- code version ---------------------------------------------------------------------------------------
+
+def _module_file(name: str) -> Optional[Path]:
+    """The source file of a first-party module (None for other modules and for names that are not modules)."""
+    if name.split(".")[0] not in FIRST_PARTY:
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    return Path(spec.origin)
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Module names that the import statements of ``path`` (module ``module``) may refer to: ``import a.b``
+    gives a.b; ``from a import b`` gives a and a.b (b may be a submodule); relative imports are resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    is_pkg = path.name == "__init__.py"
+    parts = module.split(".") if is_pkg else module.split(".")[:-1]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = parts[: len(parts) - (node.level - 1)] if node.level > 1 else parts
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base:
+                out.add(base)
+            out.update(f"{base}.{a.name}" if base else a.name for a in node.names)
+    return out
+
+
+def code_hash(module: str) -> str:
+    """SHA-256 (16 hex digits) of the source of ``module`` and of the first-party modules it imports,
+    transitively (see the module docstring)."""
+    return _code_hash(module)
+
+
+_HASHES: dict[str, str] = {}
+
+
+def _code_hash(module: str) -> str:
+    if module in _HASHES:
+        return _HASHES[module]
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        todo.extend(_imported_modules(path, name))
+        # a submodule runs its packages' __init__ first
+        for i in range(1, name.count(".") + 1):
+            todo.append(name.rsplit(".", i)[0])
+    h = hashlib.sha256()
+    for name in sorted(seen):
+        h.update(name.encode() + b"\0" + seen[name].read_bytes() + b"\0")
+    _HASHES[module] = h.hexdigest()[:16]
+    return _HASHES[module]
+
+
+# --- output folder, current outputs, recorded costs -------------------------------------------------------
+
+def check_writable(out: Path) -> None:
+    """Create ``out`` if needed and check that a file can be written there, before any work."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".diffsteer-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"out: cannot write into {out} ({e.strerror or e}); give a writable folder") from None
+
+
+def _read_record(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_current(name: str, out: Path, quick: bool) -> bool:
+    """Whether ``out`` holds ``name``'s PNG and JSON for these settings and this code version."""
+    out = Path(out)
+    rec = _read_record(out / f"{name}.json")
+    return (rec is not None and (out / f"{name}.png").exists() and rec.get("quick") == quick
+            and rec.get("code_hash") == code_hash(FIGURES[name].module))
+
+
+def recorded_wall_time(name: str, quick: bool, folders: Sequence[Path]) -> Optional[float]:
+    """The wall time recorded in the first of ``folders`` holding ``name``'s JSON at these settings."""
+    for folder in folders:
+        rec = _read_record(Path(folder) / f"{name}.json")
+        if rec is not None and rec.get("quick") == quick and isinstance(rec.get("wall_time_s"), (int, float)):
+            return float(rec["wall_time_s"])
+    return None
+
+
+# --- running -----------------------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _agg():
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _fmt_s(s: Optional[float]) -> str:
+    if s is None:
+        return "unknown"
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+class _Inner:
+    """The progress listener of one figure: one bar per reported ``what`` (tqdm, on stderr)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bars = enabled, {}
+
+    def __call__(self, done, total, unit, what):
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        bar = self.bars.get(what)
+        if bar is None:
+            bar = self.bars[what] = tqdm(total=total, desc=f"  {what}" if what else "  progress", unit=unit,
+                                         leave=False, file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if total is not None and done >= total:
+            bar.close()
+            del self.bars[what]
+
+    def close(self):
+        for bar in self.bars.values():
+            bar.close()
+        self.bars.clear()
+
+
+def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, progress: bool = True,
+                skip_current: bool = True, estimate_from: Sequence[Path] = (),
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, dict]:
+    """Compute the named figures into ``out`` (each PNG + JSON written as soon as it is finished).
+
+    ``skip_current``: leave figures whose output is current (see the module docstring). Before starting it
+    checks that ``out`` is writable and logs the plan with each figure's expected time (the wall time its
+    JSON in ``out``, else in ``estimate_from``, recorded at the same settings) and the expected total;
+    after each figure, the time taken and the expected remainder. Returns name -> record of computed figures."""
+    from . import progress as _progress
+
+    unknown = [n for n in names if n not in FIGURES]
+    if unknown:
+        raise ValueError(f"only: unknown figure(s) {unknown}; registered: {sorted(FIGURES)}")
+    out = Path(out)
+    check_writable(out)
+    _agg()
+    todo, est = [], {}
+    for n in names:
+        if skip_current and is_current(n, out, quick):
+            log(f"  {n:24s} current (same settings and code), skipped")
+            continue
+        todo.append(n)
+        est[n] = recorded_wall_time(n, quick, [out, *estimate_from])
+        log(f"  {n:24s} to compute, expected {_fmt_s(est[n])}")
+    known = [e for e in est.values() if e is not None]
+    n_unknown = len(todo) - len(known)
+    if todo:
+        log(f"{len(todo)} figure(s) to compute into {out}/ ({'quick' if quick else 'full'} settings): expected "
+            f"{_fmt_s(sum(known))}" + (f" plus {n_unknown} without a recorded time" if n_unknown else "")
+            + " (recorded wall times; one process)")
+    results = {}
+    for i, name in enumerate(todo):
+        spec = FIGURES[name]
+        inner = _Inner(progress)
+        t0 = time.perf_counter()
+        try:
+            with _progress.listening(inner):
+                res = spec.fn(quick=quick)
+        finally:
+            inner.close()
+        wall = time.perf_counter() - t0
+        if spec.draw is None:
+            fig, data = res
+            data = to_jsonable(data)
+        else:
+            data = json.loads(json.dumps(to_jsonable(res)))  # draw exactly what the JSON will hold
+            fig = spec.draw(data)
+        record = {"figure": name, "description": spec.description, "quick": quick, "wall_time_s": round(wall, 2),
+                  "code_hash": code_hash(spec.module), "data": data}
+        atomic_write_bytes(out / f"{name}.png", _png(fig))
+        atomic_write_json(out / f"{name}.json", record)
+        results[name] = record
+        rest = [est[n] for n in todo[i + 1:]]
+        left = sum(e for e in rest if e is not None)
+        log(f"[{i + 1}/{len(todo)}] {name}: {_fmt_s(wall)} (expected {_fmt_s(est[name])}) -> {out}/{name}.png, .json"
+            + (f"; remaining {_fmt_s(left)}" + (" + unknown" if None in rest else "") if rest else ""))
+    return results
+
+
+def replot_figures(names: Sequence[str], out: str | Path,
+                   log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, str]:
+    """Re-draw the named figures from their JSONs in ``out`` (no computation; the JSONs are not touched):
+    rewrites ``<name>.png``. Returns {name: why it was not re-drawn} for those that could not be."""
+    out = Path(out)
+    check_writable(out)
+    _agg()
+    failed = {}
+    for name in names:
+        spec = FIGURES[name]
+        rec = _read_record(out / f"{name}.json")
+        if spec.draw is None:
+            failed[name] = "draws while computing (no draw function); recompute it"
+        elif rec is None:
+            failed[name] = f"no readable {out / (name + '.json')}; compute it first"
+        else:
+            try:
+                fig = spec.draw(rec["data"])
+            except KeyError as e:
+                failed[name] = f"its JSON lacks {e} (written by an older version); recompute it"
+                continue
+            atomic_write_bytes(out / f"{name}.png", _png(fig))
+            log(f"{name}: re-drawn from {out}/{name}.json -> {name}.png")
+            continue
+        log(f"{name}: not re-drawn: {failed[name]}")
+    return failed
