@@ -69,7 +69,10 @@ NOTES = {
         "larger strength buys accuracy by overshooting the target."),
     "ctrl_toy_efficiency": (
         "CTRL against classifier-free guidance as the offline set grows; temperatures are fitted on a "
-        "quarter of each set, so the smallest sets calibrate on a handful of pairs."),
+        "quarter of each set, so the smallest sets calibrate on a handful of pairs and get a too-sharp or "
+        "too-soft reward. Where CTRL's KL stops falling as the set grows, its gap is optimisation, not data. "
+        "The toy's CFG baseline is easy (a 2-D conditional model learns from few pairs), the opposite of "
+        "the paper's high-dimensional regime."),
     "ctrl_toy_gamma": (
         "CTRL trained at one gamma and rescaled at inference by classifier-free mixing with w = gamma "
         "(CTRL appendix B, docs/theory.md (6.3)), against CFG with the same w and the exact target."),
@@ -80,7 +83,8 @@ NOTES = {
         "Ratios compare how fast two methods reach 25/50/75% of the slower method's final gain, from the "
         "mean curves (> 1: the first-named method is faster). Per reward query, per optimiser update and "
         "per second tell different stories: with AdamW the adapter moves by about lr per update whatever "
-        "the gradient's quality, so on this small problem progress counts updates."),
+        "the gradient's quality, so on this small problem progress counts updates. Wall-clock curves share the "
+        "CPU with other jobs; compare them with care."),
     "draft_toy_grad_k": "Norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient, at a random LoRA.",
     "draft_toy_lora": (
         "Scale 0 is the pre-trained model exactly; the adapters A and B were trained on the two rewards and "
