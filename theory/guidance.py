@@ -1,4 +1,4 @@
-"""Generic guidance fields (THEORY.md section 6), in the solver's protocol ``field(x, t, eps) -> tensor``
+"""Generic guidance fields (docs/theory.md §6), in the solver's protocol ``field(x, t, eps) -> tensor``
 ADDED TO THE SCORE, plus a classifier-free-guidance eps wrapper.
 
     classifier guidance   g(x, t) = gamma * grad_x log p_phi(y | x_t = x, t)
@@ -17,7 +17,7 @@ import torch
 from .param import eps_to_x0
 from .schedules import NoiseSchedule, as_time
 
-__all__ = ["classifier_guidance", "dps_guidance", "CFGEps", "sum_fields", "check_labels"]
+__all__ = ["classifier_guidance", "dps_guidance", "cfg_combine", "CFGEps", "sum_fields", "check_labels"]
 
 Field = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,11 +41,11 @@ def _log_lik(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def classifier_guidance(classifier: Callable, y, gamma: float = 1.0, n_classes: Optional[int] = None) -> Field:
-    """Classifier guidance (Dhariwal & Nichol 2021; THEORY.md 6): g = gamma * grad_x log p_phi(y | x, t).
+    """Classifier guidance (Dhariwal & Nichol 2021; docs/theory.md §6): g = gamma * grad_x log p_phi(y | x, t).
 
     ``classifier(x, t) -> log-probabilities or logits (B, C)`` of the NOISY x_t (log_softmax is applied,
     so logits are fine). With the exact responsibilities of a labelled mixture and gamma = 1 this is the
-    h-transform of CTRL Lemma 2 (THEORY.md 4)."""
+    h-transform of CTRL Lemma 2 (docs/theory.md §4)."""
     if not gamma > 0:
         raise ValueError(f"gamma: the guidance strength must be > 0, got {gamma}")
 
@@ -64,7 +64,7 @@ def classifier_guidance(classifier: Callable, y, gamma: float = 1.0, n_classes: 
 
 def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Union[float, Callable] = 1.0,
                  cond=None) -> Field:
-    """DPS / reconstruction guidance (Chung et al. 2022; Ho et al. 2022; THEORY.md 6):
+    """DPS / reconstruction guidance (Chung et al. 2022; Ho et al. 2022; docs/theory.md §6):
     g = zeta_t * grad_{x_t} log p(y | x0_hat(x_t, t)),  x0_hat = (x_t - sigma eps(x_t, t)) / alpha.
 
     ``log_lik(x0, y) -> (B,)`` is the clean-data label log-likelihood (e.g. a clean classifier's
@@ -90,32 +90,52 @@ def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Uni
     return field
 
 
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w) -> torch.Tensor:
+    """The classifier-free guidance mix (Ho & Salimans 2022, eq. 6; docs/theory.md §6), the only place it is
+    written: eps_w = eps_uncond + w (eps_cond - eps_uncond). w = 1 gives eps_cond, w = 0 eps_uncond."""
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
 class CFGEps(torch.nn.Module):
     """Classifier-free guidance as an eps model (Ho & Salimans 2022; CTRL appendix B):
-    eps_w(x, t, y) = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)).
+    eps_w(x, t, y) = eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null)); for m conditions (cond (B, m),
+    one weight each) eps_null + sum_i w_i (eps(x, t, y_i alone) - eps_null) (CTRL appendix B).
 
     ``model(x, t, cond)`` must accept ``cond = -1`` for the null label (``theory.nets.EpsMLP`` with
     ``n_classes`` does). w = 1 is the conditional model, w = 0 the unconditional one; for a label
     trained with strength gamma_0 the weight w rescales it to about w * gamma_0 (appendix B)."""
 
-    def __init__(self, model, w: float, null=-1):
+    def __init__(self, model, w: Union[float, Sequence[float]], null=-1):
         super().__init__()
-        if not w >= 0:
-            raise ValueError(f"w: the guidance weight must be >= 0, got {w}")
-        self.model, self.w, self.null = model, float(w), null
+        ws = tuple(float(v) for v in w) if isinstance(w, (tuple, list)) else (float(w),)
+        if not ws or not all(v >= 0 for v in ws):
+            raise ValueError(f"w: the guidance weight(s) must be >= 0, got {w}")
+        self.model, self.w, self.null = model, (ws if isinstance(w, (tuple, list)) else ws[0]), null
 
     def forward(self, x, t, cond=None):
         if cond is None:
             raise ValueError("cond: CFGEps needs labels (one per sample); use the model itself for unconditional samples")
+        if isinstance(self.w, tuple):  # several conditions, cond (B, m): eps_null + sum_i w_i (eps(y_i alone) - eps_null)
+            c = torch.as_tensor(cond, device=x.device).long()
+            if c.shape != (x.shape[0], len(self.w)):
+                raise ValueError(f"cond: expected ({x.shape[0]}, {len(self.w)}) labels, one column per weight, "
+                                 f"got {tuple(c.shape)}")
+            null = torch.full_like(c, self.null)
+            e_null = out = self.model(x, t, null)
+            for i, w in enumerate(self.w):
+                only = null.clone()
+                only[:, i] = c[:, i]
+                out = out + w * (self.model(x, t, only) - e_null)
+            return out
         null = torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device)
         e_null = self.model(x, t, null)
         if self.w == 0.0:
             return e_null
-        return e_null + self.w * (self.model(x, t, cond) - e_null)
+        return cfg_combine(e_null, self.model(x, t, cond), self.w)
 
 
 def sum_fields(*fields: Field) -> Field:
-    """The sum of guidance fields (composition by addition; THEORY.md 6: conditionally independent
+    """The sum of guidance fields (composition by addition; docs/theory.md §6: conditionally independent
     labels add their log-likelihoods, hence their guidance)."""
     fs = [f for f in fields if f is not None]
     if not fs:
