@@ -88,7 +88,7 @@ NOTES = {
     "draft_toy_grad_k": "Norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient, at a random LoRA.",
     "draft_toy_lora": (
         "Scale 0 is the pre-trained model exactly; the adapters A and B were trained on the two rewards and "
-        "summed with their scales (DRaFT's LoRA mixing, docs/theory.md (8.2)); 'first'/'last' apply the "
+        "summed with their scales (DRaFT's LoRA mixing, docs/theory.md (8.7)); 'first'/'last' apply the "
         "adapter on the first or last m sampler steps only."),
     "draft_toy_diversity": (
         "DRaFT-1 with a KL term barely moves: truncated to the last step, the KL's gradient pins the model "
