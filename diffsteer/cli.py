@@ -10,7 +10,7 @@ import importlib
 import sys
 
 #: modules contributing subcommands (imaging's need only argparse at import time).
-COMMAND_MODULES = ["diffsteer.cmd_figures", "imaging.cli"]
+COMMAND_MODULES = ["diffsteer.cmd_figures", "imaging.cli", "imaging.cli_ctrl"]
 
 
 def build_parser() -> argparse.ArgumentParser:

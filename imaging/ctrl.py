@@ -147,7 +147,7 @@ class CtrlConfig:
             raise ValueError(f"planner: 'backprop' (DRaFT-K) or 'ppo' (DDPO), got {self.planner!r}")
         if self.second_measure not in SECOND_MEASURES:
             raise ValueError(f"second_measure: one of {SECOND_MEASURES}, got {self.second_measure!r}")
-        if self.second_measure == "aesthetic" and (self.aesthetic_weights is None or self.aesthetic_clip is None):
+        if self.multitask and self.second_measure == "aesthetic" and (self.aesthetic_weights is None or self.aesthetic_clip is None):
             raise ValueError("aesthetic_weights, aesthetic_clip: the aesthetic measure needs the local MLP-head "
                              "weights file and the local CLIP ViT-L/14 folder")
         if self.thresholds_kb is not None:
@@ -498,20 +498,14 @@ class Context:
     model_dir: Optional[str]
 
 
-def resolve_model(model: Optional[str]) -> Optional[str]:
-    """The pipeline folder: ``model``, else the digits pipeline built here (DIGITS-PIPE's default)."""
+def resolve_model(model: Optional[str], progress: bool = True) -> str:
+    """The pipeline folder: ``model``, else the digits pipeline trained here (built and cached on first use
+    by ``imaging.digits_pipeline.ensure_digits_pipeline``)."""
     if model is not None:
         return model
-    try:
-        from . import digits_pipeline as dp
-    except ImportError as e:
-        raise ValueError("model: no --model given and the digits pipeline module is not available; pass the "
-                         "local folder of a diffusers pipeline") from e
-    for name in ("default_pipeline_dir", "ensure_pipeline", "default_model", "pipeline_dir"):
-        fn = getattr(dp, name, None)
-        if callable(fn):
-            return str(fn())
-    raise ValueError("model: cannot resolve the default digits pipeline; pass --model DIR")
+    from .digits_pipeline import ensure_digits_pipeline
+
+    return str(ensure_digits_pipeline(progress=progress))
 
 
 def build_context(cfg: CtrlConfig, pipe=None) -> Context:
