@@ -1,22 +1,54 @@
-"""Rewards on images for fine-tuning SD-style models: ``reward(x0_latents, cond) -> (B,)``.
+"""Rewards on images for steering SD-style models: ``reward(x0_latents, cond) -> (B,)`` (docs/theory.md §8).
 
-``LatentReward`` composes the VAE decoder (the last, differentiable step of every image reward) with
-an image reward ``f(images in [0, 1] (B, 3, H, W), cond) -> (B,)``. The built-in image rewards need no
-downloaded weights: colourfulness and brightness are differentiable (for DRaFT-style training),
-JPEG compressibility (DDPO's reward) is not. A learnt reward (an aesthetic or a classifier head) is any
-module passed as ``f``.
+Every image reward is an image measure ``f(images in [0, 1] (B, 3, H, W), cond) -> (B,)`` seen through the
+pipeline's VAE decoder, the last differentiable step of the reward (``LatentReward``; docs/theory.md §8):
+
+    r(x0) = f(D(x0 / s) / 2 + 1/2, cond),   D the VAE decoder, s its scaling factor.
+
+Each reward carries ``differentiable`` (True when autograd gives its gradient; False for a reward that only
+the policy-gradient route may use). The measures here:
+
+- ``jpeg_size_kb`` - the true JPEG size in kB (PIL, quality 95), the compressibility measure of the CTRL and
+  DDPO experiments; ``jpeg_compressibility`` is its negation. Not differentiable.
+- ``JpegRoundTrip`` - the differentiable (in)compressibility of DRaFT's appendix B.3: minus the mean squared
+  distance between the image and its JPEG encode-decode round trip at a fixed quality, through kornia's
+  differentiable JPEG codec; incompressibility is its negation.
+- ``colourfulness``, ``brightness`` - simple differentiable measures for tests and demos.
+- ``imaging.aesthetic.AestheticReward`` (the LAION aesthetic predictor) and ``imaging.clip_score.ClipScore``
+  (a CLIP prompt-image score, PickScore's format): learnt, weights from local files only.
+- ``classifier_reward`` - CTRL's ``log softmax(z / T)[y]`` of a temperature-scaled classifier, on the decoded
+  images or directly on the latents (docs/theory.md §6, §8).
+
+``make_reward(pipe, name, **kwargs)`` builds any of them by name (``reward_names()`` lists the names).
 """
 from __future__ import annotations
 
+import inspect
 import io
-from typing import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .pipeline import decode_latents
 
-__all__ = ["LatentReward", "colourfulness", "brightness", "jpeg_compressibility", "IMAGE_REWARDS"]
+__all__ = [
+    "LatentReward",
+    "colourfulness",
+    "brightness",
+    "to_uint8",
+    "jpeg_size_kb",
+    "jpeg_compressibility",
+    "JpegRoundTrip",
+    "TemperatureScaled",
+    "classifier_reward",
+    "IMAGE_REWARDS",
+    "make_reward",
+    "reward_names",
+    "jpeg_rank_correlation",
+]
 
 
 def colourfulness(img: torch.Tensor, cond=None) -> torch.Tensor:
@@ -29,34 +61,210 @@ def brightness(img: torch.Tensor, cond=None) -> torch.Tensor:
     return img.flatten(1).mean(1)
 
 
-def jpeg_compressibility(img: torch.Tensor, cond=None, quality: int = 95) -> torch.Tensor:
-    """Minus the JPEG size in kB (DDPO's compressibility reward; not differentiable)."""
+def _check_images(img: torch.Tensor, name: str = "img") -> None:
+    if img.ndim != 4 or img.shape[1] != 3:
+        raise ValueError(f"{name}: expected RGB images (B, 3, H, W) in [0, 1], got shape {tuple(img.shape)}")
+
+
+def to_uint8(img: torch.Tensor) -> np.ndarray:
+    """Images in [0, 1] (B, 3, H, W) -> uint8 (B, H, W, 3), round(255 x) clipped, the whole batch at once (as
+    the images a pipeline saves, and as DDPO's JPEG reward quantises them)."""
+    _check_images(img)
+    u8 = (img.detach().float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+    return u8.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _jpeg_bytes(arr: np.ndarray, quality: int) -> int:
     from PIL import Image
 
-    out = []
-    for im in img.detach().float().cpu():
-        buf = io.BytesIO()
-        Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(buf, format="JPEG", quality=quality)
-        out.append(-buf.tell() / 1000.0)
-    return torch.tensor(out, dtype=img.dtype, device=img.device)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.tell()
 
 
+def jpeg_size_kb(img: torch.Tensor, cond=None, quality: int = 95, workers: int = 1) -> torch.Tensor:
+    """The true JPEG file size in kB (1 kB = 1000 bytes) of each image saved by PIL at ``quality``: the
+    compressibility measure of the CTRL and DDPO experiments (docs/theory.md §8). Not differentiable.
+
+    The batch is quantised to uint8 in one tensor operation; the encodes (PIL releases the GIL while it
+    encodes) run on ``workers`` threads."""
+    if not 1 <= int(quality) <= 100:
+        raise ValueError(f"quality: JPEG quality must be in [1, 100], got {quality}")
+    arrs = to_uint8(img)
+    if workers > 1 and len(arrs) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            sizes = list(ex.map(lambda a: _jpeg_bytes(a, int(quality)), arrs))
+    else:
+        sizes = [_jpeg_bytes(a, int(quality)) for a in arrs]
+    return torch.tensor(sizes, dtype=torch.float64).div(1000.0).to(dtype=img.dtype, device=img.device)
+
+
+def jpeg_compressibility(img: torch.Tensor, cond=None, quality: int = 95) -> torch.Tensor:
+    """Minus the JPEG size in kB (DDPO's compressibility reward; not differentiable; docs/theory.md §8)."""
+    return -jpeg_size_kb(img, cond, quality=quality)
+
+
+jpeg_size_kb.differentiable = False  # type: ignore[attr-defined]
 jpeg_compressibility.differentiable = False  # type: ignore[attr-defined]
+
+
+def _jpeg_incompressibility(img: torch.Tensor, cond=None) -> torch.Tensor:
+    """The JPEG size in kB (DDPO's incompressibility reward)."""
+    return jpeg_size_kb(img, cond)
+
+
+_jpeg_incompressibility.differentiable = False  # type: ignore[attr-defined]
+
+
+class JpegRoundTrip:
+    """Differentiable JPEG compressibility (DRaFT appendix B.3; docs/theory.md §8):
+
+        r(x) = - 1/(3HW) || x - J_q(x) ||^2,   J_q = decode(encode(x, quality q)),
+
+    the mean over pixels of the squared distance between the image x in [0, 1] and its JPEG round trip,
+    with kornia's differentiable JPEG codec (``kornia.enhance.jpeg_codec_differentiable``; JPEG is not
+    re-implemented here). An image JPEG reproduces well (flat areas, low frequencies) scores near 0;
+    ``incompressible=True`` negates r (DRaFT's incompressibility). The codec replaces rounding by the cubic
+    surrogate round(u) + (u - round(u))^3 (Shin & Song 2017), so r is piecewise smooth: autograd gives its
+    gradient inside each piece, and it jumps where a quantised DCT coefficient crosses a half-integer.
+    The mean (not the sum) keeps the reward's scale independent of the resolution.
+    """
+
+    differentiable = True
+
+    def __init__(self, quality: float = 50.0, incompressible: bool = False):
+        if not 1.0 <= float(quality) <= 100.0:
+            raise ValueError(f"quality: JPEG quality must be in [1, 100], got {quality}")
+        self.quality, self.incompressible = float(quality), bool(incompressible)
+        self.__name__ = "diff-incompressibility" if incompressible else "diff-compressibility"
+
+    def round_trip(self, img: torch.Tensor) -> torch.Tensor:
+        """J_q(x): the image after kornia's differentiable JPEG encode-decode at quality q."""
+        from kornia.enhance import jpeg_codec_differentiable
+
+        _check_images(img)
+        q = torch.tensor([self.quality], dtype=img.dtype, device=img.device)
+        return jpeg_codec_differentiable(img, q)
+
+    def __call__(self, img: torch.Tensor, cond=None) -> torch.Tensor:
+        r = -(img - self.round_trip(img)).pow(2).flatten(1).mean(1)
+        return -r if self.incompressible else r
+
+
+class TemperatureScaled(nn.Module):
+    """log p(y | x) = log softmax(f(x) / T) of a logits module f with one temperature T > 0 (temperature
+    scaling, Guo et al. 2017; docs/theory.md §6). For a classifier whose forward returns raw logits (e.g.
+    the residual CNN of a CTRL run); ``theory.classifiers.ClassifierMLP`` already applies its own T."""
+
+    def __init__(self, logits: nn.Module, temperature: float = 1.0):
+        super().__init__()
+        if not float(temperature) > 0.0:
+            raise ValueError(f"temperature: must be > 0, got {temperature} (fit it with theory.classifiers.fit_temperature)")
+        self.logits = logits
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.logits(x)
+        if z.ndim != 2:
+            raise ValueError(f"classifier: expected logits (B, n_classes), got shape {tuple(z.shape)}")
+        return torch.log_softmax(z / self.temperature.to(z.dtype), dim=-1)
+
+
+def _ctrl_reward(*log_probs):
+    """CTRL's reward r(x, y) = sum_i log p_i(y_i | x) (docs/theory.md §6), the engine's ``ClassifierReward``."""
+    try:
+        from theory.classifiers import ClassifierReward
+    except ImportError:  # pragma: no cover - until the engine's ClassifierReward lands in theory.classifiers
+        ClassifierReward = _FallbackClassifierReward
+    return ClassifierReward(*log_probs)
+
+
+class _FallbackClassifierReward:
+    """Stand-in for ``theory.classifiers.ClassifierReward`` while it is not there: sum_i log p_i(y_i | x)
+    (docs/theory.md §6). To be removed once the engine exports it."""
+
+    differentiable = True
+
+    def __init__(self, *log_probs):
+        if not log_probs:
+            raise ValueError("log_probs: give at least one classifier")
+        self.log_probs = log_probs
+
+    def __call__(self, x, cond):
+        if cond is None:
+            raise ValueError("cond: the CTRL reward needs the label of every sample")
+        c = torch.as_tensor(cond, device=x.device).long()
+        c = c[:, None] if c.ndim == 1 else c
+        if c.shape != (x.shape[0], len(self.log_probs)):
+            raise ValueError(f"cond: expected ({x.shape[0]}, {len(self.log_probs)}) labels, got {tuple(c.shape)}")
+        r = 0.0
+        for i, lp in enumerate(self.log_probs):
+            L = lp(x)
+            if int(c[:, i].min()) < 0 or int(c[:, i].max()) >= L.shape[-1]:
+                raise ValueError(f"cond: labels of condition {i} must be in [0, {L.shape[-1]})")
+            r = r + L.gather(-1, c[:, i, None]).squeeze(-1).to(x.dtype)
+        return r
+
+
+class _OnLatents:
+    """A reward read directly on the latents x0 (no decoder)."""
+
+    differentiable = True
+
+    def __init__(self, f, name):
+        self.f, self.__name__ = f, name
+
+    def __call__(self, x0, cond=None):
+        r = self.f(x0, cond)
+        if r.shape != (x0.shape[0],):
+            raise ValueError(f"reward: {self.__name__} returned shape {tuple(r.shape)}, expected ({x0.shape[0]},)")
+        return r.to(x0.dtype)
+
+
+def classifier_reward(pipe, *classifiers: nn.Module, on: str = "images", temperature: Optional[Sequence[float]] = None):
+    """CTRL's reward r(x0, y) = sum_i log softmax(z_i / T_i)[y_i] (docs/theory.md §6, §8) for one or several
+    classifiers (several labels: ``cond`` is (B, n_classifiers); one label: ``cond`` is (B,)).
+
+    ``on="images"``: each classifier reads the decoded images in [0, 1] (B, 3, H, W) through the VAE decoder;
+    ``on="latents"``: it reads the latents x0 directly (cheaper; no decoder in the gradient).
+    ``temperature``: one T per classifier; given, each classifier is taken to return raw logits and is wrapped
+    in ``TemperatureScaled``; omitted, each classifier must already return calibrated log-probabilities
+    (e.g. a ``theory.classifiers.ClassifierMLP`` after ``fit_temperature``, or a ``TemperatureScaled``)."""
+    if not classifiers:
+        raise ValueError("classifiers: give at least one classifier module")
+    if on not in ("images", "latents"):
+        raise ValueError(f"on: must be 'images' or 'latents', got '{on}'")
+    if temperature is not None:
+        temperature = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+        if len(temperature) != len(classifiers):
+            raise ValueError(f"temperature: one per classifier, got {len(temperature)} for {len(classifiers)}")
+        classifiers = tuple(TemperatureScaled(c, T) for c, T in zip(classifiers, temperature))
+    f = _ctrl_reward(*classifiers)
+    if on == "latents":
+        return _OnLatents(f, "classifier")
+    f.__name__ = "classifier"
+    return LatentReward(pipe, f)
+
 
 IMAGE_REWARDS: dict[str, Callable] = {
     "colourfulness": colourfulness,
     "brightness": brightness,
     "compressibility": jpeg_compressibility,
+    "incompressibility": _jpeg_incompressibility,
+    "jpeg-size": jpeg_size_kb,
+    "diff-compressibility": JpegRoundTrip(),
+    "diff-incompressibility": JpegRoundTrip(incompressible=True),
 }
 
 
 class LatentReward:
-    """r(x0) = f(decode(x0), cond): an image reward seen through the pipeline's VAE decoder."""
+    """r(x0) = f(decode(x0), cond): an image reward seen through the pipeline's VAE decoder (docs/theory.md §8)."""
 
     def __init__(self, pipe, image_reward: Callable | str):
         if isinstance(image_reward, str):
             if image_reward not in IMAGE_REWARDS:
-                raise ValueError(f"image_reward: unknown '{image_reward}', choose from {sorted(IMAGE_REWARDS)} or pass a callable")
+                raise ValueError(f"image_reward: unknown '{image_reward}', choose from {sorted(IMAGE_REWARDS)} or "
+                                 f"pass a callable (learnt rewards: make_reward with one of {reward_names()})")
             image_reward = IMAGE_REWARDS[image_reward]
         self.pipe, self.f = pipe, image_reward
         self.differentiable = getattr(image_reward, "differentiable", True)
@@ -67,3 +275,78 @@ class LatentReward:
         if r.shape != (x0.shape[0],):
             raise ValueError(f"image_reward: {self.__name__} returned shape {tuple(r.shape)}, expected ({x0.shape[0]},)")
         return r.to(x0.dtype)
+
+
+def _jpeg_diff(pipe, quality: float = 50.0, incompressible: bool = False):
+    return LatentReward(pipe, JpegRoundTrip(quality, incompressible))
+
+
+def _aesthetic(pipe, **kwargs):
+    from .aesthetic import AestheticReward
+
+    return LatentReward(pipe, AestheticReward(**kwargs))
+
+
+def _clip_score(pipe, **kwargs):
+    from .clip_score import ClipScore
+
+    return LatentReward(pipe, ClipScore(**kwargs))
+
+
+def _true_jpeg(sign):
+    def make(pipe, quality: int = 95):
+        def f(img, cond=None):
+            return sign * jpeg_size_kb(img, cond, quality=quality)
+
+        f.differentiable = False  # type: ignore[attr-defined]
+        return LatentReward(pipe, f)
+
+    return make
+
+
+# name -> factory(pipe, **kwargs) -> reward(x0_latents, cond) -> (B,)
+_FACTORIES: dict[str, Callable] = {
+    "colourfulness": lambda pipe: LatentReward(pipe, colourfulness),
+    "brightness": lambda pipe: LatentReward(pipe, brightness),
+    "jpeg-size": _true_jpeg(1.0),
+    "compressibility": _true_jpeg(-1.0),
+    "incompressibility": _true_jpeg(1.0),
+    "diff-compressibility": lambda pipe, quality=50.0: _jpeg_diff(pipe, quality, False),
+    "diff-incompressibility": lambda pipe, quality=50.0: _jpeg_diff(pipe, quality, True),
+    "aesthetic": _aesthetic,
+    "clip-score": _clip_score,
+    "pickscore": _clip_score,
+    "classifier": classifier_reward,
+}
+
+
+def reward_names() -> list[str]:
+    """The names ``make_reward`` knows."""
+    return sorted(_FACTORIES)
+
+
+def make_reward(pipe, name: str, *args, **kwargs):
+    """The reward ``name`` on the latents of ``pipe``, ``reward(x0_latents, cond) -> (B,)`` with its
+    ``differentiable`` flag (docs/theory.md §8). Keyword arguments go to the reward: ``quality`` for the JPEG
+    rewards; ``clip_path``, ``head_path`` for ``aesthetic``; ``model_path``, ``prompts`` for ``clip-score`` /
+    ``pickscore``; the classifier module(s), ``on`` and ``temperature`` for ``classifier``."""
+    if name not in _FACTORIES:
+        raise ValueError(f"reward: unknown reward '{name}'; known rewards: {', '.join(reward_names())}")
+    factory = _FACTORIES[name]
+    try:
+        inspect.signature(factory).bind(pipe, *args, **kwargs)
+    except TypeError as e:  # a wrong or missing keyword: name the reward and the cause
+        raise ValueError(f"reward: bad arguments for '{name}': {e}") from e
+    return factory(pipe, *args, **kwargs)
+
+
+def jpeg_rank_correlation(images: torch.Tensor, quality: float = 50.0, jpeg_quality: int = 95) -> float:
+    """Spearman rank correlation between the differentiable JPEG *incompressibility* (``JpegRoundTrip`` at
+    ``quality``) and the true JPEG size in kB at ``jpeg_quality`` over ``images`` (B, 3, H, W) in [0, 1]:
+    how well the DRaFT surrogate orders images as the true measure does (1 = same order)."""
+    from scipy.stats import spearmanr
+
+    with torch.no_grad():
+        surrogate = JpegRoundTrip(quality, incompressible=True)(images.double())
+    size = jpeg_size_kb(images, quality=jpeg_quality)
+    return float(spearmanr(surrogate.cpu().numpy(), size.double().cpu().numpy()).statistic)
