@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from theory.registry import figure
-from theory.classifiers import ClassifierMLP, FitConfig, expected_calibration_error, fit_mle, fit_temperature
+from theory.classifiers import (ClassifierMLP, ClassifierReward, FitConfig, expected_calibration_error, fit_mle,
+                                fit_temperature)
 from theory.guidance import dps_guidance
 from theory.nets import DSMConfig, EpsMLP, cached, train_dsm
 from theory.schedules import LinearVP
@@ -91,20 +92,6 @@ def pretrained(cfg: DigitsConfig, data) -> EpsMLP:
     return model
 
 
-class ClassifierReward:
-    """r(x0, y) = log p_phi(y | clip(x0)), the CTRL reward (differentiable). x0 is clipped to the pixel range
-    [-1, 1] first, as SD's decoder clamps images: a classifier extrapolated far off the data would otherwise
-    reward pushing pixels out of range."""
-
-    differentiable = True
-
-    def __init__(self, clf):
-        self.clf = clf
-
-    def __call__(self, x0, cond):
-        return self.clf.log_lik(x0.clamp(-1.0, 1.0), cond)
-
-
 def _draw(model, n_per, seed, guidance_for=None):
     """n_per samples for each label 0..9 on fixed noise (DDIM eta = 1)."""
     sch = schedule()
@@ -163,7 +150,7 @@ def run(cfg: DigitsConfig = DigitsConfig(), progress: bool = False) -> dict:
     xh_, yh_ = data["held"]  # real digits of each label, against the training digits (same realism yardstick)
     real = _metrics(torch.stack([xh_[yh_ == c][: min(cfg.n_eval, 30)] for c in range(10)]), judge, xtr)
 
-    reward = ClassifierReward(clf)
+    reward = ClassifierReward(clf, clamp=(-1.0, 1.0))  # x0 clipped to the pixel range, as SD's decoder clamps
     fcfg = FinetuneConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, n_steps=cfg.n_steps, method="ddim", eta=1.0,
                           lam=1.0 / cfg.gamma, lr=cfg.ft_lr, grad_clip=5.0, seed=cfg.seed, t_min=cfg.t_min,
                           progress=progress)

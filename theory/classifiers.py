@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .guidance import check_labels
 from .schedules import NoiseSchedule, append_dims, as_time
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "fit_temperature",
     "expected_calibration_error",
     "check_offline",
+    "ClassifierReward",
 ]
 
 
@@ -223,3 +225,39 @@ def expected_calibration_error(log_probs: torch.Tensor, y: torch.Tensor, n_bins:
         if m.any():
             ece += float(m.sum()) / N * abs(float(correct[m].mean()) - float(conf[m].mean()))
     return ece
+
+
+class ClassifierReward:
+    """CTRL's reward (CTRL sec. 4; docs/theory.md §6): r(x0, y) = sum_i log softmax(f_i(x0) / T_i)[y_i], the
+    calibrated log-likelihood of the label(s) (a sum over conditionally independent conditions, cond (B, m)).
+
+    ``classifiers``: one per condition, each a calibrated ``ClassifierMLP`` (its forward is
+    log softmax(logits / temperature)) or any callable x -> (B, C) log-probabilities (e.g. an exact
+    likelihood). ``clamp``: optional (lo, hi) applied to x0 first, e.g. the pixel range (-1, 1) as an image
+    decoder clamps: a classifier extrapolated far off the data would otherwise reward leaving the range."""
+
+    differentiable = True
+
+    def __init__(self, *classifiers: Callable, clamp: Optional[tuple] = None):
+        if not classifiers:
+            raise ValueError("classifiers: give at least one classifier")
+        if clamp is not None and not (len(clamp) == 2 and clamp[0] < clamp[1]):
+            raise ValueError(f"clamp: give (lo, hi) with lo < hi, got {clamp}")
+        self.log_probs = classifiers
+        self.clamp = clamp
+
+    def __call__(self, x0, cond):
+        if cond is None:
+            raise ValueError("cond: the CTRL reward needs the label of every sample")
+        c = torch.as_tensor(cond, device=x0.device).long()
+        if c.ndim == 1:
+            c = c[:, None]
+        if c.shape != (x0.shape[0], len(self.log_probs)):
+            raise ValueError(f"cond: expected ({x0.shape[0]}, {len(self.log_probs)}) labels, got {tuple(c.shape)}")
+        x = x0.clamp(*self.clamp) if self.clamp is not None else x0
+        r = 0.0
+        for i, lp in enumerate(self.log_probs):
+            L = lp(x)
+            yi = check_labels(c[:, i], L.shape[-1], x0.shape[0], name="cond")
+            r = r + L.gather(-1, yi[:, None]).squeeze(-1).to(x0.dtype)
+        return r

@@ -13,15 +13,14 @@
 """
 from __future__ import annotations
 
-import copy
-import math
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from theory.classifiers import ClassifierMLP
-from theory.guidance import CFGEps, check_labels
+from theory.classifiers import ClassifierReward
+from theory.engine import DRaFT, DRaFTK, FinetuneConfig, SteeredModel, finetune
+from theory.guidance import CFGEps
 from theory.nets import DSMConfig, EpsMLP, train_dsm
 from theory.solvers import sample
 
@@ -32,145 +31,17 @@ __all__ = ["AugmentedEps", "ClassifierReward", "QuantisedReward", "train_ctrl", 
            "uniform_cond_sampler"]
 
 
-class _TimeFeat(nn.Module):
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.register_buffer("freqs", torch.exp(torch.linspace(0.0, math.log(200.0), dim // 2)), persistent=False)
-
-    def forward(self, t):
-        u = t[:, None] * self.freqs[None].to(t.dtype)
-        return torch.cat([torch.sin(u), torch.cos(u)], -1)
-
-
-class AugmentedEps(nn.Module):
-    """CTRL's augmented eps model (seed eq. 3 / appendix B): eps_pre(x, t) + g_psi(x, t, y).
+def AugmentedEps(base: nn.Module, n_labels: Union[int, Sequence[int]], dim: int = 2, hidden: int = 64,
+                 depth: int = 2, dtype=torch.float32) -> SteeredModel:
+    """CTRL's augmented eps model (seed eq. 3 / appendix B): eps_pre(x, t) + g_psi(x, t, y), the steered
+    model's 'network' label mode (``theory.engine.SteeredModel``).
 
     ``n_labels``: an int (one condition, cond of shape (B,)) or a tuple (several conditions, cond (B, m)).
     Label -1 is NULL; g_psi sees the one-hot codes of the non-null labels and is multiplied by 0 when all
     labels are NULL, so eps_aug(., ., NULL) = eps_pre exactly; its last layer is zero-initialised, so at
     initialisation eps_aug = eps_pre bit for bit. The pre-trained model is frozen; ``reference`` is it."""
-
-    def __init__(self, base: nn.Module, n_labels: Union[int, Sequence[int]], dim: int = 2, hidden: int = 64,
-                 depth: int = 2, dtype=torch.float32):
-        super().__init__()
-        self.multi = not isinstance(n_labels, int)
-        self.n_labels = tuple(n_labels) if self.multi else (int(n_labels),)
-        if any(k < 1 for k in self.n_labels):
-            raise ValueError(f"n_labels: every condition needs >= 1 class, got {n_labels}")
-        self.base = base
-        for p in self.base.parameters():
-            p.requires_grad_(False)
-        self.time = _TimeFeat(16)
-        layers: list[nn.Module] = []
-        in_dim = dim + 16 + sum(self.n_labels)
-        for i in range(depth):
-            layers += [nn.Linear(in_dim if i == 0 else hidden, hidden), nn.SiLU()]
-        last = nn.Linear(hidden, dim)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        layers.append(last)
-        self.g = nn.Sequential(*layers).to(dtype)
-        self.dim = dim
-
-    @property
-    def reference(self):
-        """The pre-trained eps model, label ignored (an exact mixture would read a label as conditioning)."""
-        return _Unconditional(self.base)
-
-    def _cond(self, cond, B, device):
-        if cond is None:
-            return torch.full((B, len(self.n_labels)), -1, dtype=torch.long, device=device)
-        c = torch.as_tensor(cond, device=device).long()
-        if not self.multi:
-            c = c.reshape(-1)
-            if c.numel() == 1:
-                c = c.expand(B)
-            c = c[:, None]
-        if c.shape != (B, len(self.n_labels)):
-            raise ValueError(f"cond: expected labels of shape ({B},{'' if not self.multi else f' {len(self.n_labels)}'}) "
-                             f"got {tuple(c.shape)}")
-        for i, k in enumerate(self.n_labels):
-            check_labels(c[:, i], k, B, name="cond", allow_null=True)
-        return c
-
-    def correction(self, x, t, cond):
-        """g_psi(x, t, y) (zero for NULL labels)."""
-        B = x.shape[0]
-        c = self._cond(cond, B, x.device)
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(B)
-        dt = self.g[0].weight.dtype
-        codes = [nn.functional.one_hot(c[:, i].clamp(min=0), k).to(dt) * (c[:, i:i + 1] >= 0).to(dt)
-                 for i, k in enumerate(self.n_labels)]
-        h = torch.cat([x.to(dt), self.time(t.to(dt))] + codes, -1)
-        on = (c >= 0).any(1, keepdim=True).to(dt)
-        return (self.g(h) * on).to(x.dtype)
-
-    def forward(self, x, t, cond=None):
-        return self.base(x, t, None) + self.correction(x, t, cond)
-
-    def param_groups(self, lr_lora: float, lr_embed: Optional[float] = None):
-        """AdamW groups (ENGINE_API.md): only the correction g_psi trains."""
-        return [{"params": [p for p in self.g.parameters()], "lr": lr_lora}]
-
-    def cfg(self, w):
-        """Classifier-free mixing of the fine-tuned condition(s) (seed appendix B):
-        eps_null + sum_i w_i (eps(y_i alone) - eps_null); for one condition eps_null + w (eps_y - eps_null)."""
-        return _AugCFG(self, w)
-
-
-class _Unconditional(nn.Module):
-    def __init__(self, base):
-        super().__init__()
-        self.base = base
-
-    def forward(self, x, t, cond=None):
-        return self.base(x, t, None)
-
-
-class _AugCFG(nn.Module):
-    def __init__(self, aug: AugmentedEps, w):
-        super().__init__()
-        ws = tuple(w) if isinstance(w, (tuple, list)) else (float(w),) * len(aug.n_labels)
-        if len(ws) != len(aug.n_labels) or any(not v >= 0 for v in ws):
-            raise ValueError(f"w: need {len(aug.n_labels)} weights >= 0, got {w}")
-        self.aug, self.ws = aug, ws
-
-    def forward(self, x, t, cond=None):
-        c = self.aug._cond(cond, x.shape[0], x.device)
-        out = self.aug.base(x, t, None)
-        for i, w in enumerate(self.ws):
-            only = torch.full_like(c, -1)
-            only[:, i] = c[:, i]
-            out = out + w * self.aug.correction(x, t, only if self.aug.multi else only[:, 0])
-        return out
-
-
-class ClassifierReward:
-    """r(x0, y) = sum_i log p_i(y_i | x0) (CTRL's reward; conditional independence for several labels).
-    ``log_probs``: callables x -> (B, C_i) log-probabilities (a calibrated ``ClassifierMLP``, or an exact
-    likelihood)."""
-
-    differentiable = True
-
-    def __init__(self, *log_probs):
-        if not log_probs:
-            raise ValueError("log_probs: give at least one classifier")
-        self.log_probs = log_probs
-
-    def __call__(self, x0, cond):
-        if cond is None:
-            raise ValueError("cond: the CTRL reward needs the label of every sample")
-        c = torch.as_tensor(cond, device=x0.device).long()
-        if c.ndim == 1:
-            c = c[:, None]
-        if c.shape != (x0.shape[0], len(self.log_probs)):
-            raise ValueError(f"cond: expected ({x0.shape[0]}, {len(self.log_probs)}) labels, got {tuple(c.shape)}")
-        r = 0.0
-        for i, lp in enumerate(self.log_probs):
-            L = lp(x0)
-            yi = check_labels(c[:, i], L.shape[-1], x0.shape[0], name="cond")
-            r = r + L.gather(-1, yi[:, None]).squeeze(-1).to(x0.dtype)
-        return r
+    return SteeredModel(base, n_labels=n_labels, label_mode="network", label_shape=(dim,), label_hidden=hidden,
+                        label_depth=depth, label_dtype=dtype)
 
 
 class QuantisedReward(ClassifierReward):
@@ -206,15 +77,13 @@ def _gauss(dtype):
     return sampler
 
 
-def train_ctrl(model: AugmentedEps, reward, ctrl: CTRLConfig, toy: ToyConfig = ToyConfig(), strategy=None,
+def train_ctrl(model: SteeredModel, reward, ctrl: CTRLConfig, toy: ToyConfig = ToyConfig(), strategy=None,
                progress: bool = False):
     """CTRL planning (Algorithm 1) through the engine: reward r = log p_phi(y|x0), lam = 1 / gamma, DDIM
     eta = 1 on ``ctrl.n_steps`` steps, gradients through the whole chain (``DRaFT()``) or the last k
     (``DRaFTK(k)``); ``strategy`` overrides (e.g. ``DDPO()`` for a non-differentiable reward).
     Returns the engine's History."""
     gamma = check_gamma(ctrl.gamma)
-    from theory.engine import DRaFT, DRaFTK, FinetuneConfig, finetune
-
     if strategy is None:
         strategy = DRaFT() if ctrl.k is None else DRaFTK(ctrl.k)
     dtype = model.g[0].weight.dtype
@@ -223,7 +92,7 @@ def train_ctrl(model: AugmentedEps, reward, ctrl: CTRLConfig, toy: ToyConfig = T
                          progress=progress)
     ts = grid_times(toy, ctrl.n_steps)
     return finetune(model, schedule(toy), reward, strategy, cfg, x_T_sampler=_gauss(dtype),
-                    cond_sampler=uniform_cond_sampler(model.n_labels if model.multi else model.n_labels[0]), ts=ts)
+                    cond_sampler=uniform_cond_sampler(model.n_labels), ts=ts)
 
 
 @torch.no_grad()
