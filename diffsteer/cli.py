@@ -33,7 +33,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DiffsteerError(Exception):
+    """An expected failure that is not a bad value or a missing file (a corrupt checkpoint, a device that
+    cannot do what was asked): the CLI prints its message in one line and exits 2. Lower layers (theory,
+    imaging) cannot import this package; an exception class of theirs is treated the same when its name, or
+    a base class's name, is ``DiffsteerError`` or ``CheckpointError``."""
+
+
+#: exceptions that are the user's to fix (a bad argument, file, device or checkpoint): one line, exit 2.
+#: ``json.JSONDecodeError`` (a malformed model_index.json or checkpoint JSON) is a ValueError;
+#: ``FloatingPointError`` is a run that diverged (the engine names the step and the parameter).
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                   FloatingPointError, DiffsteerError)
+_EXPECTED_NAMES = {"DiffsteerError", "CheckpointError"}
+
+
+def is_expected(e: BaseException) -> bool:
+    """True for the failures ``main`` reports in one line (``EXPECTED_ERRORS`` and the named classes)."""
+    return isinstance(e, EXPECTED_ERRORS) or any(c.__name__ in _EXPECTED_NAMES for c in type(e).__mro__)
+
+
+def _missing_extra(e: ModuleNotFoundError):
+    try:
+        from .runtime import missing_extra_message
+    except ImportError:  # pragma: no cover - an older tree without diffsteer.runtime
+        missing_extra_message = None
+    if missing_extra_message is not None:
+        return missing_extra_message(e)
+    root = (e.name or "").split(".")[0]
+    if root in ("diffusers", "transformers", "accelerate"):
+        return f"this command needs {root}, from the imaging extra: pip install 'diffsteer[imaging]'"
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{msg}: {e.filename}"
+    return " ".join(msg.split())
+
+
 def main(argv=None) -> int:
+    """Parse ``argv`` and run the subcommand. Expected failures (``is_expected``; a missing optional extra)
+    print ``diffsteer COMMAND: error: <one line>`` to stderr and return 2; anything else propagates with
+    its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -41,8 +84,16 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"diffsteer {args.command}: error: {e}", file=sys.stderr)
+    except ModuleNotFoundError as e:
+        msg = _missing_extra(e)
+        if msg is None:
+            raise
+        print(f"diffsteer {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - re-raised below unless expected
+        if not is_expected(e):
+            raise
+        print(f"diffsteer {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -19,12 +19,18 @@ def add_parser(sub) -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--fp16", action="store_true", help="half precision (GPU)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the pipeline's weights (float16 needs a GPU; default float32)")
+    p.add_argument("--fp16", action="store_true", help="same as --dtype float16 (GPU)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA in the diffusers format (the folder sd-finetune wrote, or a .safetensors file), "
+                        "times SCALE (default 1; 0 = the pre-trained model, in between the weights interpolate); "
+                        "repeat to sum several adapters")
     p.add_argument("--guide", default=None, metavar="REWARD",
                    help="guide sampling toward an image reward (colourfulness, brightness) with the look-ahead "
                         "gradient at Tweedie's x0_hat (G_loss / DPS form; THEORY.md 6-7)")
     p.add_argument("--guide-scale", type=float, default=1.0, help="strength of --guide")
-    p.add_argument("--out", default="runs/sd-sample", help="output folder")
+    p.add_argument("--out", default="runs/sd-sample", help="output folder (must not be a file)")
     p.set_defaults(func=run_sample)
 
     f = sub.add_parser("sd-finetune", help="fine-tune a Stable Diffusion pipeline on an image reward (LoRA)",
@@ -49,17 +55,35 @@ def add_parser(sub) -> None:
     f.add_argument("--eta", type=float, default=0.0, help="DDIM eta (DDPO and --lam > 0 need eta > 0)")
     f.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
     f.add_argument("--lam", type=float, default=0.0, help="weight of the path KL to the pre-trained model")
-    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the LoRA")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (the DRaFT paper: 0.1)")
+    f.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"),
+                   help="learning-rate schedule over --steps (cosine / linear decay to 0)")
+    f.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
     f.add_argument("--lora-rank", type=int, default=4)
+    f.add_argument("--lora-targets", default="attn", choices=("attn", "attn+ff"),
+                   help="LoRA on the UNet's attention projections (q, k, v, out) or also its feed-forward layers")
+    f.add_argument("--refl-steps", default="1,10", metavar="LO,HI",
+                   help="ReFL: stop m in [LO, HI] steps before the end (HI <= --sample-steps)")
     f.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing of every sampler step")
     f.add_argument("--ckpt-every", type=int, default=10, help="checkpoint period in steps (0: never)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    f.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 for the frozen weights")
+    f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the frozen pipeline weights; LoRA and optimiser state stay float32 (float16 needs a GPU)")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--out", default="runs/sd-finetune", help="output folder (resumed from if it holds a checkpoint)")
     f.set_defaults(func=run_finetune_cmd)
     add_digits_parser(sub)
+
+
+def _refl_steps(v: str) -> tuple:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*,\s*(\d+)\s*", v)
+    if m is None:
+        raise ValueError(f"--refl-steps: expected 'lo,hi' (two positive ints), got {v!r}")
+    return (int(m.group(1)), int(m.group(2)))
 
 
 def run_finetune_cmd(args) -> int:
@@ -67,15 +91,53 @@ def run_finetune_cmd(args) -> int:
 
     use_default_model(args)
     cfg = SDFinetuneConfig(model=args.model, tiny=args.tiny, prompts=tuple(args.prompt), reward=args.reward,
-                           method=args.method, k=args.k, lv_n=args.lv_n, steps=args.steps,
-                           batch_size=args.batch_size, sample_steps=args.sample_steps, eta=args.eta,
-                           guidance_scale=args.guidance_scale, lam=args.lam, lr=args.lr, lora_rank=args.lora_rank,
+                           method=args.method, k=args.k, lv_n=args.lv_n, refl_steps=_refl_steps(args.refl_steps),
+                           steps=args.steps, batch_size=args.batch_size, sample_steps=args.sample_steps, eta=args.eta,
+                           guidance_scale=args.guidance_scale, lam=args.lam, lr=args.lr,
+                           weight_decay=args.weight_decay, lr_schedule=args.lr_schedule, grad_clip=args.grad_clip,
+                           lora_rank=args.lora_rank, lora_targets=args.lora_targets,
                            grad_checkpoint=args.grad_checkpoint, seed=args.seed, out=args.out,
                            ckpt_every=args.ckpt_every, device=args.device, dtype=args.dtype,
                            progress=not args.no_progress)
-    s = run_finetune(cfg)
-    print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {args.out}")
+    from .distributed import from_environment
+
+    dist = from_environment()  # an accelerate / torchrun launch with several processes, else None
+    s = run_finetune(cfg, dist=dist)
+    if dist is None or dist.is_main:
+        print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {args.out}")
     return 0
+
+
+def _check_sample_args(args) -> None:
+    """Every check of sd-sample that needs no model (run before loading one)."""
+    import math
+
+    from .finetune import check_out_dir
+    from .lora_io import lora_specs
+
+    if args.n < 1 or args.steps < 1:
+        raise ValueError(f"--n, --steps: must be >= 1, got {args.n}, {args.steps}")
+    if not math.isfinite(args.eta) or not 0.0 <= args.eta <= 1.0:
+        raise ValueError(f"--eta: DDIM's eta must lie in [0, 1] (0 deterministic, 1 DDPM-like), got {args.eta}")
+    if not math.isfinite(args.guidance_scale) or args.guidance_scale < 0:
+        raise ValueError(f"--guidance-scale: must be a finite number >= 0, got {args.guidance_scale}")
+    if not math.isfinite(args.guide_scale):
+        raise ValueError(f"--guide-scale: must be a finite number, got {args.guide_scale}")
+    if args.fp16 and args.dtype not in (None, "float16"):
+        raise ValueError(f"--fp16: conflicts with --dtype {args.dtype}; give one of them")
+    if args.guide is not None:
+        from .rewards import IMAGE_REWARDS
+
+        if args.guide not in IMAGE_REWARDS:
+            raise ValueError(f"--guide: unknown reward '{args.guide}', choose from {', '.join(sorted(IMAGE_REWARDS))}")
+        if not getattr(IMAGE_REWARDS[args.guide], "differentiable", True):
+            raise ValueError(f"--guide: reward '{args.guide}' has no gradient")
+    if args.model is not None:
+        from .pipeline import check_pipeline_folder
+
+        check_pipeline_folder(args.model)
+    args.lora_specs = lora_specs(args.lora)
+    check_out_dir(args.out)
 
 
 def run_sample(args) -> int:
@@ -86,25 +148,40 @@ def run_sample(args) -> int:
 
     from theory.solvers import sample
 
-    from .pipeline import LatentEps, decode_latents, encode_prompts, latent_shape, load_pipeline, schedule_of, scheduler_grid
+    from .pipeline import (
+        LatentEps,
+        decode_latents,
+        encode_prompts,
+        latent_shape,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        schedule_of,
+        scheduler_grid,
+    )
 
-    if args.n < 1 or args.steps < 1:
-        raise ValueError("--n, --steps: must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if args.fp16 else torch.float32
+    _check_sample_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("float16" if args.fp16 else (args.dtype or "float32"), device)
     use_default_model(args)
     if args.tiny:
         from .tiny import tiny_pipeline
 
         pipe = tiny_pipeline().to(device)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     else:
         pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    if args.lora_specs:
+        from .lora_io import load_diffusers_loras
+
+        load_diffusers_loras(pipe, args.lora_specs)
     cond, unc = encode_prompts(pipe, args.prompt, device=device)
     sch = schedule_of(pipe)
     model = LatentEps(pipe.unet, sch, cond, unc, args.guidance_scale)
     P = len(args.prompt)
     g = torch.Generator(device=device).manual_seed(args.seed)
-    x = torch.randn((P * args.n, *latent_shape(pipe)), generator=g, device=device, dtype=dtype)
+    x = torch.randn((P * args.n, *latent_shape(pipe)), generator=g, device=device, dtype=torch.float32)
     idx = torch.arange(P, device=device).repeat_interleave(args.n)
     guidance = None
     if args.guide is not None:
@@ -113,8 +190,6 @@ def run_sample(args) -> int:
         from .rewards import LatentReward
 
         reward = LatentReward(pipe, args.guide)
-        if not reward.differentiable:
-            raise ValueError(f"--guide: reward '{args.guide}' has no gradient")
         guidance = dps_guidance(model, sch, lambda x0, y: reward(x0, y), None, zeta=args.guide_scale, cond=idx)
     with torch.no_grad():
         lat = sample(model, sch, x, scheduler_grid(pipe.scheduler, args.steps), method="ddim", eta=args.eta,
@@ -126,7 +201,8 @@ def run_sample(args) -> int:
 
     for i, im in enumerate(imgs):
         Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(out / f"sample_{i:03d}.png")
-    (out / "config.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, indent=1))
+    conf = {k: v for k, v in vars(args).items() if k not in ("func", "lora_specs")}
+    (out / "config.json").write_text(json.dumps(conf, indent=1))
     print(f"wrote {len(imgs)} images to {out}")
     return 0
 

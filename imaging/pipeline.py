@@ -17,14 +17,60 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from theory.guidance import cfg_combine
 from theory.schedules import DiscreteVP, as_time
 
-__all__ = ["load_pipeline", "scheduler_grid", "LatentEps", "encode_prompts", "decode_latents", "latent_shape", "schedule_of"]
+__all__ = ["load_pipeline", "check_pipeline_folder", "resolve_device", "resolve_dtype", "DTYPES", "scheduler_grid",
+           "LatentEps", "encode_prompts", "decode_latents", "latent_shape", "schedule_of"]
 
 
-def load_pipeline(model_path: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a diffusers pipeline from a local folder (no hub access: ``local_files_only=True``)."""
-    from diffusers import DiffusionPipeline
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """``device`` checked against what this machine has (default: cuda if available, else cpu). A CUDA
+    device without CUDA is a ValueError naming ``--device`` (torch would fail later, after loading)."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device: '{device}' is not a torch device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: '{device}' asked for, but torch sees no CUDA device here "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: '{device}' does not exist; this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device: '{device}' asked for, but MPS is not available; use --device cpu")
+    return str(dev)
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype], device: str) -> torch.dtype:
+    """The dtype of the frozen pipeline weights (UNet, VAE, text encoder), checked against ``device``.
+
+    float16 needs half-precision arithmetic of a GPU: refused on CPU (use bfloat16 there); bfloat16 on a
+    CUDA device without bf16 support is refused too. Trainable parameters (LoRA, label embedding) and the
+    optimiser state stay float32 whatever this is (mixed precision as in DRaFT sec. 4)."""
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = torch.device(device)
+    if name == "float16" and dev.type == "cpu":
+        raise ValueError("--dtype: float16 needs a GPU with half-precision arithmetic; on the CPU use bfloat16 "
+                         "(or float32)")
+    if name == "bfloat16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype: this CUDA device ({torch.cuda.get_device_name(dev)}) has no bfloat16 support; "
+                         "use float16 or float32")
+    return getattr(torch, name)
+
+
+def check_pipeline_folder(model_path: Union[str, Path]) -> Path:
+    """The pipeline folder ``model_path`` if it looks loadable (exists, has a readable model_index.json that
+    is a JSON object); else FileNotFoundError / ValueError naming the folder or file. Cheap: no weights read."""
+    import json
 
     p = Path(model_path).expanduser()
     if not p.is_dir():
@@ -32,9 +78,25 @@ def load_pipeline(model_path: Union[str, Path], dtype: torch.dtype = torch.float
             f"model_path: no folder at '{p}'. Pass the local folder of a diffusers pipeline (e.g. your copy of "
             "Stable Diffusion v1.5 saved with save_pretrained); weights are never downloaded."
         )
-    if not (p / "model_index.json").is_file():
+    index = p / "model_index.json"
+    if not index.is_file():
         raise FileNotFoundError(f"model_path: '{p}' has no model_index.json; it is not a diffusers pipeline folder")
-    pipe = DiffusionPipeline.from_pretrained(str(p), torch_dtype=dtype, local_files_only=True, safety_checker=None)
+    try:
+        meta = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"model_path: {index} is not valid JSON ({e}); restore it from your copy of the pipeline") from None
+    if not isinstance(meta, dict) or "_class_name" not in meta:
+        raise ValueError(f"model_path: {index} has no '_class_name'; it is not a diffusers model_index.json")
+    return p
+
+
+def load_pipeline(model_path: Union[str, Path], dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a diffusers pipeline from a local folder (no hub access: ``local_files_only=True``), its
+    weights in ``dtype``."""
+    from diffusers import DiffusionPipeline
+
+    p = check_pipeline_folder(model_path)
+    pipe = DiffusionPipeline.from_pretrained(str(p), dtype=dtype, local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -102,22 +164,32 @@ class LatentEps(nn.Module):
         return self.unet(x, ts, encoder_hidden_states=emb).sample
 
     def forward(self, x: torch.Tensor, t, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps in x's dtype. Mixed precision: the UNet runs in its own weights' dtype (x and the prompt
+        embeddings are cast to it, the timesteps stay float32 - 981 is 980 in bfloat16) and eps comes back
+        cast to x's dtype, so the solver's state stays in float32 whatever the frozen weights are."""
         t = as_time(t, x)
         B = x.shape[0]
-        ts = self.schedule.model_timestep(t).to(x.dtype)
-        idx = torch.zeros(B, dtype=torch.long, device=x.device) if cond is None else torch.as_tensor(cond, device=x.device).long().reshape(-1)
-        if idx.shape != (B,) or (idx < 0).any() or (idx >= self.prompt_embeds.shape[0]).any():
-            raise ValueError(f"cond: expected ({B},) prompt indices in [0, {self.prompt_embeds.shape[0]})")
-        emb_c = self.prompt_embeds[idx].to(x.dtype)
+        ts = self.schedule.model_timestep(t).float()
+        idx = self._prompt_index(cond, B, x.device)
+        wd = getattr(self.unet, "dtype", x.dtype)
+        xu = x.to(wd)
+        emb_c = self.prompt_embeds[idx].to(wd)
         w = self.guidance_scale
         if w == 1.0:
-            return self._unet(x, ts, emb_c)
-        emb_u = self.uncond_embeds.expand(B, -1, -1).to(x.dtype)
+            return self._unet(xu, ts, emb_c).to(x.dtype)
+        emb_u = self.uncond_embeds.expand(B, -1, -1).to(wd)
         if w == 0.0:
-            return self._unet(x, ts, emb_u)
-        eps = self._unet(torch.cat([x, x]), torch.cat([ts, ts]), torch.cat([emb_u, emb_c]))
+            return self._unet(xu, ts, emb_u).to(x.dtype)
+        eps = self._unet(torch.cat([xu, xu]), torch.cat([ts, ts]), torch.cat([emb_u, emb_c])).to(x.dtype)
         eps_u, eps_c = eps.chunk(2)
-        return eps_u + w * (eps_c - eps_u)
+        return cfg_combine(eps_u, eps_c, w)
+
+    def _prompt_index(self, cond, B: int, device) -> torch.Tensor:
+        idx = torch.zeros(B, dtype=torch.long, device=device) if cond is None else \
+            torch.as_tensor(cond, device=device).long().reshape(-1)
+        if idx.shape != (B,) or (idx < 0).any() or (idx >= self.prompt_embeds.shape[0]).any():
+            raise ValueError(f"cond: expected ({B},) prompt indices in [0, {self.prompt_embeds.shape[0]})")
+        return idx
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:

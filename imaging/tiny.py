@@ -18,10 +18,20 @@ _WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "green", "painting", 
 
 
 def tiny_tokenizer(folder: str | Path | None = None):
-    """A CLIPTokenizer over a 12-word vocabulary (whole words; unknown words map to <|endoftext|>)."""
+    """A CLIPTokenizer over a 12-word vocabulary (whole words; unknown words map to <|endoftext|>).
+
+    The vocabulary files are written into ``folder`` (kept) or, by default, into a temporary folder that
+    is removed once the tokenizer has read them (the tokenizer keeps its vocabulary in memory and
+    ``save_pretrained`` writes it from there)."""
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="diffsteer-tok-") as tmp:
+            return _write_and_load(Path(tmp))
+    return _write_and_load(Path(folder))
+
+
+def _write_and_load(folder: Path):
     from transformers import CLIPTokenizer
 
-    folder = Path(folder or tempfile.mkdtemp(prefix="diffsteer-tok-"))
     folder.mkdir(parents=True, exist_ok=True)
     # byte-level BPE: single characters, then merges building each word (CLIP marks word ends with </w>)
     chars = sorted({c for w in _WORDS for c in w})

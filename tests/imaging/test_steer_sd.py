@@ -76,7 +76,7 @@ def test_sd_finetune_tiny_trains_and_resumes(tmp_path):
                            steps=3, batch_size=2, sample_steps=4, guidance_scale=1.0, lr=1e-2, ckpt_every=1,
                            out=str(tmp_path), progress=False)
     s = run_finetune(cfg)
-    assert (tmp_path / "lora.safetensors").is_file()
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
     hist = json.loads((tmp_path / "history.json").read_text())
     rows = hist if isinstance(hist, list) else hist["history"]
     assert [r["step"] for r in rows] == [1, 2, 3]
