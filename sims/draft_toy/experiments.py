@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import copy
 import math
-import tempfile
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
+from theory.engine import make_strategy
 from theory.solvers import sample
 
 from . import model as toy
@@ -38,18 +36,9 @@ __all__ = ["strategy_of", "steered", "train_method", "compare", "grad_vs_k", "Lo
 
 
 def strategy_of(method: Method):
-    """The engine strategy of a ``Method`` (ENGINE_API.md)."""
-    from theory import engine as E
-
-    if method.kind == "draft":
-        return E.DRaFT()
-    if method.kind == "draftk":
-        return E.DRaFTK(k=method.k)
-    if method.kind == "draftlv":
-        return E.DRaFTLV(n=method.n)
-    if method.kind == "refl":
-        return E.ReFL(steps=tuple(method.refl_steps))
-    return E.DDPO(clip=method.ddpo_clip, inner_steps=method.ddpo_inner)
+    """The engine strategy of a ``Method``: ``theory.engine.make_strategy`` on its kind and options."""
+    return make_strategy(method.kind, k=method.k, n=method.n, steps=tuple(method.refl_steps),
+                         clip=method.ddpo_clip, inner_steps=method.ddpo_inner)
 
 
 def steered(pretrain: PretrainConfig = PretrainConfig(), rank: int = 4):
@@ -61,9 +50,8 @@ def steered(pretrain: PretrainConfig = PretrainConfig(), rank: int = 4):
 
 
 def queries_per_step(method: Method, batch_size: int) -> int:
-    """Reward evaluations per optimisation step: one per sample, n per sample for DRaFT-LV (the n
-    re-noised copies; the reward of the un-noised sample is not needed for the gradient)."""
-    return batch_size * (method.n if method.kind == "draftlv" else 1)
+    """Reward evaluations per optimisation step, as the engine's strategy declares them."""
+    return strategy_of(method).queries(batch_size)
 
 
 def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
@@ -105,9 +93,6 @@ def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
     hist = finetune(model, sch, reward, strategy_of(method), cfg, x_T_sampler=_gauss_sampler, ts=ts,
                     callback=callback)
     rows = [dict(r) for r in hist]
-    if rows and rows[-1]["reward_queries_total"] != n_steps_total * qps:
-        raise RuntimeError(f"method: the engine counted {rows[-1]['reward_queries_total']} reward queries, "
-                           f"this toy {n_steps_total * qps}; queries_per_step disagrees with the engine")
     wall = {int(r["step"]): float(r["wall_time"]) for r in rows}
     for c in curve[1:]:
         # the engine's wall time is measured from the start of training and so includes the earlier
