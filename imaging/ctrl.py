@@ -14,7 +14,7 @@ pipeline trained here by default, a user's local Stable Diffusion v1.5 with ``co
    held-out split (``fit_temperature``); accuracy, NLL and ECE on a third split before / after.
 3. **Planning** (``finetune_ctrl``): the pre-trained UNet wrapped as an eps model over latents
    (``imaging.pipeline.LatentEps``, prompts + CFG), augmented with LoRA and a zero-initialised label
-   embedding added to the UNet's time embedding (NULL frozen at zero; ``PromptLabelSteered``), trained
+   embedding added to the UNet's time embedding (NULL frozen at zero; ``make_steered``), trained
    by ``theory.engine.finetune`` - the package's one loop - to maximise
    E[gamma log p_phi(y | x0)] - lam KL(path || pre-trained path)  (docs/theory.md §4, §6; CTRL eq. 5),
    the path KL summed over latent dimensions, gradients through a fixed last-K window (DRaFT-K), DDIM
@@ -48,7 +48,7 @@ from theory.classifiers import ClassifierMLP, FitConfig, expected_calibration_er
 
 __all__ = [
     "CtrlConfig", "load_config", "jpeg_kb", "ink_mass", "classes_from_thresholds", "quantile_thresholds",
-    "ResidualCNN", "fit_classifier", "PromptLabelSteered", "LabelMixing", "ClassifierLogLik",
+    "ResidualCNN", "fit_classifier", "make_steered", "as_cond", "ClassifierLogLik",
     "build_context", "offline_data", "finetune_ctrl", "evaluate", "run", "CONFIG_DIR",
 ]
 
@@ -342,7 +342,7 @@ def fit_classifier(images: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: C
 class ClassifierLogLik:
     """The CTRL reward r(x0, c) = gamma * sum_j log p_phi_j(y_j | decode(x0)) (docs/theory.md §6; CTRL
     eq. 5 with calibrated classifiers): x0 are latents, decoded by the pipeline's VAE (differentiable),
-    ``cond`` the (B, 1 + m) rows [prompt, y_1..y_m] of ``PromptLabelSteered``."""
+    ``cond`` the engine's ``PromptLabel`` (its labels (B,) or (B, m) are used) or the labels themselves."""
 
     differentiable = True
 
@@ -358,127 +358,43 @@ class ClassifierLogLik:
         return sum(c.log_lik(img, labels[:, j]) for j, c in enumerate(self.classifiers))
 
     def __call__(self, x0, cond):
-        c = torch.as_tensor(cond, device=x0.device).long()
-        return self.gamma * self.log_lik(x0, c[:, 1:])
+        return self.gamma * self.log_lik(x0, _labels_of(cond, x0.shape[0], x0.device))
 
 
 # ============================================================================ the augmented model
 
 
-class PromptLabelSteered(nn.Module):
-    """The CTRL-augmented UNet that keeps its prompt conditioning (CTRL sec. 4.2 step 1, appendix D):
-    eps(x, t, [p, y]) = UNet_{theta + LoRA}(x, t + E[y], prompt p) under the prompt CFG of ``LatentEps``,
-    with E a zero-initialised table whose NULL row (y = -1) is a frozen zero buffer.
-
-    The LoRA, the embedding table, the NULL row, ``reference`` and ``param_groups`` are
-    ``theory.engine.SteeredModel``'s (``label_mode='module'`` on ``unet.time_embedding``), so the engine
-    trains it like any steered model; this wrapper only routes ``cond`` = (B, 1 + m) rows
-    [prompt index, y_1, ..., y_m] - the prompt to the base, the labels to the embedding - because the
-    steered model calls its base without the prompt once it has labels."""
-
-    def __init__(self, base, *, n_labels, lora_rank: Optional[int] = 4, lora_targets=None,
+def make_steered(base: nn.Module, n_labels, lora_rank: Optional[int] = 4, lora_targets=None,
                  label_module: str = "unet.time_embedding"):
-        super().__init__()
-        from theory.engine import SteeredModel
+    """The CTRL-augmented UNet (CTRL sec. 4.2 step 1, appendix D), ``theory.engine.SteeredModel`` over the
+    prompt-conditioned eps model ``base`` (``imaging.pipeline.LatentEps``): LoRA on ``lora_targets`` and a
+    zero-initialised label table added to the output of the UNet's time embedding (``label_mode='module'``),
+    so eps(x, t, PromptLabel(p, y)) = UNet_{theta + LoRA}(x, t-embedding + E[y], prompt p) under the prompt
+    CFG of the base; the NULL label (-1) reads a frozen zero row, so it gives the pre-trained UNet exactly."""
+    from theory.engine import SteeredModel
 
-        try:
-            tmod = base.get_submodule(label_module)
-        except AttributeError:
-            raise ValueError(f"label_module: the base has no submodule {label_module!r}") from None
-        dim = getattr(tmod, "linear_2", None)
-        if dim is None or not hasattr(dim, "out_features"):
-            raise ValueError(f"label_module: {label_module!r} is not a diffusers TimestepEmbedding")
-        self.time_dim = int(tmod.linear_2.out_features)
-        self.steered = SteeredModel(base, lora_rank=lora_rank, lora_targets=list(lora_targets) if lora_targets else None,
-                                    n_labels=n_labels, label_shape=(self.time_dim,), label_mode="module",
-                                    label_module=label_module)
-        self.m = len(self.steered.n_labels_tuple)
-        self._emb: Optional[torch.Tensor] = None
-        tmod.register_forward_hook(self._add)
-
-    @property
-    def base(self):
-        return self.steered.base
-
-    def _add(self, module, inputs, out):
-        e = self._emb
-        if e is None:
-            return out
-        return out + e.repeat(out.shape[0] // e.shape[0], 1).to(out.dtype)
-
-    def split(self, cond, B: int, device):
-        """(prompt (B,), labels (B, m) or (B,)) from cond rows [p, y...]; None = prompt 0, NULL labels."""
-        if cond is None:
-            return torch.zeros(B, dtype=torch.long, device=device), None
-        c = torch.as_tensor(cond, device=device).long()
-        if c.ndim == 1 and c.numel() == 1 + self.m:
-            c = c[None].expand(B, -1)
-        if c.shape != (B, 1 + self.m):
-            raise ValueError(f"cond: expected ({B}, {1 + self.m}) rows [prompt, label(s)] (label -1 = NULL), "
-                             f"got {tuple(c.shape)}")
-        lab = c[:, 1:]
-        return c[:, 0], (lab if self.steered.multi else lab[:, 0])
-
-    def forward(self, x, t, cond=None):
-        p, y = self.split(cond, x.shape[0], x.device)
-        e = self.steered.label_embedding(y, x)
-        self._emb = None if (y is None) else e
-        try:
-            return self.base(x, t, p)
-        finally:
-            self._emb = None
-
-    @property
-    def reference(self) -> nn.Module:
-        """The pre-trained eps model with the same prompts (LoRA off, no embedding), for the path KL."""
-        return _PromptReference(self)
-
-    def param_groups(self, lr_lora: float, lr_embed: Optional[float] = None) -> list:
-        return self.steered.param_groups(lr_lora, lr_embed)
-
-    def cfg(self, w) -> "LabelMixing":
-        return LabelMixing(self, w)
+    try:
+        tmod = base.get_submodule(label_module)
+    except AttributeError:
+        raise ValueError(f"label_module: the base has no submodule {label_module!r}") from None
+    lin = getattr(tmod, "linear_2", None)
+    if not hasattr(lin, "out_features"):
+        raise ValueError(f"label_module: {label_module!r} is not a diffusers TimestepEmbedding (no linear_2)")
+    return SteeredModel(base, lora_rank=lora_rank, lora_targets=list(lora_targets) if lora_targets else None,
+                        n_labels=n_labels, label_shape=(int(lin.out_features),), label_mode="module",
+                        label_module=label_module)
 
 
-class _PromptReference(nn.Module):
-    def __init__(self, model: PromptLabelSteered):
-        super().__init__()
-        object.__setattr__(self, "_m", model)
+def as_cond(rows: torch.Tensor, multi: bool):
+    """Rows [prompt index, y_1..y_m] (N, 1 + m) -> the engine's ``PromptLabel`` (label (N,) or (N, m))."""
+    from theory.engine import PromptLabel
 
-    def forward(self, x, t, cond=None):
-        from theory.lora import disabled_lora
-
-        m = self._m
-        p, _ = m.split(cond, x.shape[0], x.device)
-        with disabled_lora(m.base):
-            return m.base(x, t, p)
+    return PromptLabel(rows[:, 0], rows[:, 1:] if multi else rows[:, 1])
 
 
-class LabelMixing(nn.Module):
-    """Classifier-free mixing over the new labels at inference (CTRL appendix B):
-    eps = eps(x, t, [p, NULL]) + sum_j w_j (eps(x, t, [p, y_j alone]) - eps(x, t, [p, NULL])),
-    which moves the tilt gamma of condition j to about w_j gamma; the prompt stays in every branch."""
-
-    def __init__(self, model: PromptLabelSteered, w):
-        super().__init__()
-        object.__setattr__(self, "_m", model)
-        ws = tuple(float(v) for v in w) if isinstance(w, (tuple, list)) else (float(w),) * model.m
-        if len(ws) != model.m or any(not v > 0 for v in ws):
-            raise ValueError(f"w: need {model.m} positive weights (one per condition), got {w}")
-        self.ws = ws
-
-    def forward(self, x, t, cond=None):
-        m = self._m
-        c = torch.as_tensor(cond, device=x.device).long()
-        null = c.clone()
-        null[:, 1:] = -1
-        e0 = m(x, t, null)
-        out = e0
-        for j, w in enumerate(self.ws):
-            only = null.clone()
-            only[:, 1 + j] = c[:, 1 + j]
-            out = out + w * (m(x, t, only) - e0)
-        return out
+def _labels_of(cond, B: int, device) -> torch.Tensor:
+    lab = cond.label if hasattr(cond, "label") else cond
+    return torch.as_tensor(lab, device=device).long().reshape(B, -1)
 
 
 # ============================================================================ pipeline context
@@ -549,7 +465,10 @@ def draw(ctx: Context, model, cond: torch.Tensor, seed: int, batch: int = 64, gu
         g = torch.Generator().manual_seed(seed + b)
         x_T = torch.randn((len(c), *ctx.shape), generator=g, dtype=ctx.dtype).to(ctx.device)
         field = guidance_for(c) if guidance_for is not None else None
-        mc = c[:, 0] if (field is not None and c.ndim == 2) else c
+        if c.ndim == 2:  # rows [p, y...]: the pre-trained model under guidance sees the prompt, CTRL both
+            mc = c[:, 0] if field is not None else as_cond(c, multi=c.shape[1] > 2)
+        else:
+            mc = c
         with torch.no_grad():
             out.append(sample(model, ctx.schedule, x_T, ctx.ts, method="ddim", eta=_ETA[0], cond=mc, guidance=field,
                               generator=g if ctx.device == "cpu" else None).x0.detach().float().cpu())
@@ -611,9 +530,9 @@ def offline_data(ctx: Context, cfg: CtrlConfig, progress: bool = False) -> dict:
 # ============================================================================ planning
 
 
-def _make_steered(ctx: Context, cfg: CtrlConfig, n_labels) -> PromptLabelSteered:
-    return PromptLabelSteered(copy.deepcopy(ctx.base), n_labels=n_labels, lora_rank=cfg.lora_rank,
-                              lora_targets=cfg.lora_targets).to(ctx.device)
+def _make_steered(ctx: Context, cfg: CtrlConfig, n_labels):
+    # LoRA is injected into the module it is given: a copy, so that ctx.base stays the pre-trained model
+    return make_steered(copy.deepcopy(ctx.base), n_labels, cfg.lora_rank, cfg.lora_targets).to(ctx.device)
 
 
 def finetune_ctrl(ctx: Context, cfg: CtrlConfig, classifiers, n_labels, out_dir: Path, *,
@@ -635,7 +554,7 @@ def finetune_ctrl(ctx: Context, cfg: CtrlConfig, classifiers, n_labels, out_dir:
     def cond_sampler(n, g):
         p = torch.randint(0, P, (n, 1), generator=g)
         ys = [torch.randint(0, k, (n, 1), generator=g) for k in ks]
-        return torch.cat([p, *ys], 1).to(ctx.device)
+        return as_cond(torch.cat([p, *ys], 1), multi=len(ks) > 1).to(ctx.device)
 
     def x_T_sampler(n, g):
         return torch.randn((n, *ctx.shape), generator=g, dtype=ctx.dtype).to(ctx.device)

@@ -15,12 +15,12 @@ from hypothesis import strategies as st
 from imaging.ctrl import (
     CONFIG_DIR,
     CtrlConfig,
-    PromptLabelSteered,
     ResidualCNN,
     classes_from_thresholds,
     fit_classifier,
     jpeg_kb,
     load_config,
+    make_steered,
     quantile_thresholds,
     run,
 )
@@ -96,7 +96,7 @@ def tiny():
     return pipe, LatentEps(pipe.unet, sch, cond, unc, guidance_scale=3.0), sch
 
 
-def _perturb(model: PromptLabelSteered):
+def _perturb(model):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in model.parameters():
@@ -107,8 +107,11 @@ def _perturb(model: PromptLabelSteered):
 def test_null_label_is_the_pretrained_unet_for_every_prompt(tiny):
     import copy
 
+    from theory.engine import PromptLabel
+    from theory.lora import disabled_lora
+
     pipe, base, sch = tiny
-    model = PromptLabelSteered(copy.deepcopy(base), n_labels=4, lora_rank=2)
+    model = make_steered(copy.deepcopy(base), 4, lora_rank=2)
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([900.0, 500.0, 20.0])
     prompts = torch.arange(3)
@@ -116,38 +119,35 @@ def test_null_label_is_the_pretrained_unet_for_every_prompt(tiny):
         ref = base(x, t, prompts)
         # at initialisation every label gives the base UNet bit for bit (LoRA B = 0, embedding = 0)
         for y in (-1, 0, 3):
-            rows = torch.stack([prompts, torch.full((3,), y)], 1)
-            assert torch.equal(model(x, t, rows), ref)
-        _perturb(model)  # trained LoRA and embeddings: NULL (-1) of the reference still equals the base exactly
-        rows_null = torch.stack([prompts, torch.full((3,), -1)], 1)
-        assert torch.equal(model.reference(x, t, rows_null), ref)
-        # the embedding's NULL row stays zero: with LoRA disabled, NULL = base exactly for every prompt
-        from theory.lora import disabled_lora
-
+            assert torch.equal(model(x, t, PromptLabel(prompts, torch.full((3,), y))), ref)
+        _perturb(model)  # trained LoRA and embedding: the reference is still the base exactly, prompt kept
+        null = PromptLabel(prompts, torch.full((3,), -1))
+        assert torch.equal(model.reference(x, t, null), ref)
+        # the embedding's NULL row stays zero: with LoRA disabled, NULL = base exactly for every prompt,
+        # while a label moves eps (it enters through the time embedding)
         with disabled_lora(model.base):
-            assert torch.equal(model(x, t, rows_null), ref)
-            rows_y = torch.stack([prompts, torch.full((3,), 2)], 1)
-            assert not torch.allclose(model(x, t, rows_y), ref)
-        # the prompt still matters under a label: two prompts, same label, different eps
-        same_x = x[:1].expand(2, -1, -1, -1)
-        e = model(same_x, t[:2] * 0 + 500.0, torch.tensor([[0, 1], [1, 1]]))
+            assert torch.equal(model(x, t, null), ref)
+            assert not torch.allclose(model(x, t, PromptLabel(prompts, torch.full((3,), 2))), ref)
+        # the prompt still matters under a label: same x, t and label, two prompts, different eps
+        e = model(x[:1].expand(2, -1, -1, -1), torch.tensor([500.0, 500.0]), PromptLabel(torch.tensor([0, 1]),
+                                                                                         torch.tensor([1, 1])))
         assert not torch.allclose(e[0], e[1])
-        # classifier-free mixing with w = 1 is the conditional model
-        rows = torch.stack([prompts, torch.tensor([0, 1, 3])], 1)
-        assert torch.allclose(model.cfg(1.0)(x, t, rows), model(x, t, rows), atol=1e-6, rtol=1e-5)
+        # classifier-free mixing over the label with w = 1 is the conditional model (prompt kept)
+        c = PromptLabel(prompts, torch.tensor([0, 1, 3]))
+        assert torch.allclose(model.cfg(1.0)(x, t, c), model(x, t, c), atol=1e-6, rtol=1e-5)
 
 
 def test_trainable_parameters_are_lora_and_embedding_only(tiny):
     import copy
 
     _, base, _ = tiny
-    model = PromptLabelSteered(copy.deepcopy(base), n_labels=(2, 2), lora_rank=2)
+    model = make_steered(copy.deepcopy(base), (2, 2), lora_rank=2)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(("lora_" in n) or ("embeddings" in n) for n in names)
     groups = model.param_groups(1e-3, 1e-2)
     assert sorted(g["lr"] for g in groups) == [1e-3, 1e-2]
-    with pytest.raises(ValueError, match="cond"):
-        model(torch.zeros(2, 4, 8, 8), torch.tensor([10.0, 10.0]), torch.tensor([[0, 1], [0, 1]]))
+    with pytest.raises(ValueError, match="label_module"):
+        make_steered(copy.deepcopy(base), 2, label_module="unet.nothing")
 
 
 def _small(**kw):
