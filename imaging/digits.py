@@ -15,20 +15,26 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from theory.registry import figure
-from theory.classifiers import (ClassifierMLP, ClassifierReward, FitConfig, expected_calibration_error, fit_mle,
-                                fit_temperature)
+from theory.classifiers import (
+    ClassifierMLP,
+    ClassifierReward,
+    FitConfig,
+    expected_calibration_error,
+    fit_mle,
+    fit_temperature,
+)
 from theory.guidance import dps_guidance
 from theory.nets import DSMConfig, EpsMLP, cached, train_dsm
+from theory.registry import figure
 from theory.schedules import LinearVP
 from theory.solvers import sample, time_grid
 
-__all__ = ["DigitsConfig", "load_digits", "pretrained", "run", "QUICK"]
+__all__ = ["DigitsConfig", "load_digits", "pretrained", "run", "draw", "QUICK"]
 
 
 @dataclass(frozen=True)
@@ -187,17 +193,15 @@ def run(cfg: DigitsConfig = DigitsConfig(), progress: bool = False) -> dict:
     }
 
 
-@figure("digits_ctrl", "CTRL on scikit-learn's 8x8 digits: samples per label vs DPS, judged accuracy, realism")
-def fig_digits(quick: bool):
+def draw(res: dict):
+    """The figure from the JSON numbers of ``run`` (samples: the first 6 per label of each method)."""
     import matplotlib.pyplot as plt
 
-    res = run(QUICK if quick else DigitsConfig())
     names = list(res["samples"])
-    fig = plt.figure(figsize=(15, 6.5))
-    gs = fig.add_gridspec(2, len(names) + 1, width_ratios=[1] * len(names) + [1.3])
-    for j, name in enumerate(names):
-        ax = fig.add_subplot(gs[:, j])
-        s = np.asarray(res["samples"][name])  # (10, 6, 64)
+    fig = plt.figure(figsize=(17, 7.2), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[2.3, 1.4], wspace=0.04)
+    for ax, name in zip(left.subplots(1, len(names)), names):
+        s = np.asarray(res["samples"][name], dtype=float)  # (10, 6, 64)
         pad = np.full((10, 6, 10, 10), -1.0)  # one blank pixel around each digit
         pad[:, :, 1:9, 1:9] = np.clip(s, -1, 1).reshape(10, 6, 8, 8)
         tiles = pad.transpose(0, 2, 1, 3).reshape(100, 60)
@@ -205,23 +209,32 @@ def fig_digits(quick: bool):
         acc = res["metrics"][name]["judge_accuracy"]
         ax.set_title(f"{name}\n(rows: label 0-9; judged acc {acc:.2f})", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
-    ax = fig.add_subplot(gs[0, -1])
+    top, bottom = right.subfigures(2, 1, height_ratios=[1, 1.05])
+    ax = top.subplots()
     for i, (name, tr) in enumerate(res["training"].items()):
-        r = tr["reward_mean"]
-        ax.plot(np.arange(1, len(r) + 1), r, color=f"C{i}", label=f"{name}: log p_phi(y|x0)")
-        ax.plot(np.arange(1, len(r) + 1), tr["kl"], color=f"C{i}", ls="--", label=f"{name}: path KL")
-    ax.set_xlabel("CTRL step"), ax.legend(fontsize=7), ax.set_title("training", fontsize=9)
-    ax = fig.add_subplot(gs[1, -1])
-    names = list(res["metrics"])
-    ax.bar(np.arange(len(names)) - 0.2, [res["metrics"][n]["judge_accuracy"] for n in names], 0.4, label="judged accuracy")
-    ax2 = ax.twinx()
-    ax2.bar(np.arange(len(names)) + 0.2, [res["metrics"][n]["nn_distance_mean"] for n in names], 0.4, color="C1",
-            label="distance to nearest training digit")
-    ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
-    ax.set_ylabel("accuracy (independent judge)"), ax2.set_ylabel("NN distance", color="C1")
-    ax.legend(loc="upper left", fontsize=7), ax2.legend(loc="upper right", fontsize=7)
+        steps = np.arange(1, len(tr["reward_mean"]) + 1)
+        ax.plot(steps, tr["reward_mean"], color=f"C{i}", label=name)
+        ax.plot(steps, tr["kl"], color=f"C{i}", ls="--")
+    ax.set_xlabel("CTRL step")
+    ax.set_title("training: reward log p_phi(y|x0) (solid), path KL (dashed)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    metrics = list(res["metrics"])
+    y = np.arange(len(metrics))
+    axes = bottom.subplots(1, 2, sharey=True)
+    for ax, (key, label, color) in zip(axes, (("judge_accuracy", "judged accuracy", "C0"),
+                                              ("nn_distance_mean", "distance to nearest\ntraining digit", "C1"))):
+        ax.barh(y, [res["metrics"][n][key] for n in metrics], 0.6, color=color)
+        ax.set_title(label, fontsize=9)
+    axes[0].set_yticks(y, metrics, fontsize=8)
+    axes[0].invert_yaxis()
+    axes[0].set_xlim(0, 1)
     fig.suptitle(f"CTRL on 8x8 digits (gamma={res['config']['gamma']}, {res['config']['ft_steps']} steps, "
                  f"DRaFT-{res['config']['ft_k']}; ECE {res['classifier']['ece_before']:.3f} -> "
                  f"{res['classifier']['ece_after']:.3f} after temperature scaling)", fontsize=10)
-    fig.tight_layout()
-    return fig, res
+    return fig
+
+
+@figure("digits_ctrl", "CTRL on scikit-learn's 8x8 digits: samples per label vs DPS, judged accuracy, realism",
+        draw=draw)
+def fig_digits(quick: bool) -> dict:
+    return run(QUICK if quick else DigitsConfig())

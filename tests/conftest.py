@@ -1,10 +1,31 @@
-"""Test-session settings. Under pytest-xdist (``-n 2``, README's test command) every worker gets one
-torch thread: two workers with torch's default of one thread per core oversubscribe a 2-core machine,
-and torch's intra-op thread pool then spends most of its time waiting (measured on the loaded 2-core
-development machine: the default suite took 13 min with torch's default threads, 63 s with one per worker)."""
+"""Test-session settings.
+
+Threads: every test process gets one torch thread (``diffsteer.runtime.configure_threads``, the helper
+every command uses): two xdist workers with torch's default of one thread per core oversubscribe a
+2-core machine, and torch's intra-op thread pool then spends most of its time waiting (measured on the
+loaded 2-core development machine: the default suite took 13 min with torch's default threads, 63 s with
+one per worker). ``DIFFSTEER_TEST_THREADS=N`` overrides.
+
+Cache: the tests never write into the user's cache. ``DIFFSTEER_CACHE`` points at a temporary folder
+made for this test session (one per xdist worker) and removed at its end, so models trained by tests
+(seconds each) are trained afresh in every session. ``DIFFSTEER_TEST_CACHE=DIR`` reuses DIR instead
+(kept; for repeated local runs)."""
 import os
+import shutil
+import tempfile
 
-import torch
+from diffsteer.runtime import configure_threads
 
-if os.environ.get("PYTEST_XDIST_WORKER") is not None or os.environ.get("DIFFSTEER_TEST_THREADS"):
-    torch.set_num_threads(int(os.environ.get("DIFFSTEER_TEST_THREADS", "1")))
+configure_threads(int(os.environ.get("DIFFSTEER_TEST_THREADS", "1")))
+
+_OWN_CACHE = None
+if os.environ.get("DIFFSTEER_TEST_CACHE"):
+    os.environ["DIFFSTEER_CACHE"] = os.environ["DIFFSTEER_TEST_CACHE"]
+else:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffsteer-test-cache-")
+    os.environ["DIFFSTEER_CACHE"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

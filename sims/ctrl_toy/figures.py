@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from theory.registry import figure
 
@@ -72,33 +71,42 @@ def fig_density(quick: bool = False):
     return fig, dict(numbers=numbers, config=cfg)
 
 
-@figure("ctrl_toy_table", "CTRL toy: accuracy / macro-F1 / label log-likelihood / KL of CTRL, classifier guidance, DPS, CFG")
-def fig_table(quick: bool = False):
+def draw_table(d: dict):
+    """The table from its JSON numbers: one row per label kind and method; a "note" column only when a
+    method failed (its error message)."""
     import matplotlib.pyplot as plt
 
-    cfg = CompareConfig.quick() if quick else CompareConfig()
-    res = compare(cfg)
     cells, rows = [], []
-    for kind, r in res["labels"].items():
+    for kind, r in d["results"].items():
         for name in TABLE_METHODS:
             m = r["methods"].get(name)
             if m is None:
                 continue
             rows.append(f"{kind}: {name}" + (f" (zeta={m['zeta']})" if "zeta" in m else ""))
-            if "error" in m:
-                cells.append(["-", "-", "-", "-", m["error"][:40]])
-                continue
-            cells.append([f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['log_lik']:.3f}", f"{m['kl']:.3f}", ""])
-    fig, ax = plt.subplots(figsize=(12, 0.3 * len(rows) + 1.2))
+            cells.append(["-"] * 4 + [m["error"][:40]] if "error" in m else
+                         [f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['log_lik']:.3f}", f"{m['kl']:.3f}", ""])
+    cols = ["accuracy", "macro-F1", "E log p(y|x)", "KL to target"]
+    if any(c[4] for c in cells):
+        cols.append("note")
+    cells = [c[: len(cols)] for c in cells]
+    fig, ax = plt.subplots(figsize=(8.5 + 2.5 * (len(cols) > 4), 0.22 * (len(rows) + 1) + 0.5))
     ax.axis("off")
-    t = ax.table(cellText=cells, rowLabels=rows, colLabels=["accuracy", "macro-F1", "E log p(y|x)", "KL to target", "note"],
-                 loc="center")
+    t = ax.table(cellText=cells, rowLabels=rows, colLabels=cols, bbox=[0.36, 0.0, 0.64, 1.0])
     t.auto_set_font_size(False)
-    t.set_fontsize(7)
-    ax.set_title(f"gamma={res['gamma']}, {res['n_offline']} offline pairs; metrics under the true p(y|x)", fontsize=9)
-    fig.tight_layout()
+    t.set_fontsize(8)
+    cfg = d["config"]
+    ax.set_title(f"gamma={cfg['ctrl']['gamma']}, {cfg['n_offline']} offline pairs; metrics under the true p(y|x)",
+                 fontsize=9, pad=12)
+    return fig
+
+
+@figure("ctrl_toy_table", "CTRL toy: accuracy / macro-F1 / label log-likelihood / KL of CTRL, classifier guidance, DPS, CFG",
+        draw=draw_table)
+def fig_table(quick: bool = False) -> dict:
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    res = compare(cfg)
     out = {kind: dict(methods=_strip(r["methods"]), ece=r["ece"], times=r["times"]) for kind, r in res["labels"].items()}
-    return fig, dict(results=out, config=cfg)
+    return dict(results=out, config=cfg)
 
 
 @figure("ctrl_toy_efficiency", "CTRL toy: KL to the exact target vs offline data size, CTRL vs classifier-free guidance")

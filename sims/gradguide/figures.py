@@ -132,62 +132,109 @@ def fig_convergence(quick: bool = False):
     return fig, data
 
 
-@figure("gg_sphere", "Gradient guidance on unit-sphere data: reward vs ||x| - 1|, G vs G_loss over the delta sweep")
-def fig_sphere(quick: bool = False):
+def draw_sphere(data: dict):
+    """gg_sphere from its JSON: final reward against the off-support measure per delta (each point labelled
+    with its delta, beside it), and the reward per round at the middle delta."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
     plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
+    deltas = data["deltas"]
+    offsets = {"G": ((-6, 5), "right"), "G_loss": ((6, -11), "left")}  # labels of the two series on opposite sides
+    for kind, marker in (("G", "o"), ("G_loss", "s")):
+        rew, dev = data["final"][kind]["reward"], data["final"][kind]["dev_abs"]
+        axes[0].plot(dev, rew, marker=marker, color=COLORS[kind], label=kind)
+        (dx, dy), ha = offsets[kind]
+        for d, x, y in zip(deltas, dev, rew):
+            axes[0].annotate(f"{d:g}", (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=7,
+                             color=COLORS[kind])
+        mid = deltas[len(deltas) // 2]
+        axes[1].plot(data["curves"][f"{kind}@{mid}"]["reward"], color=COLORS[kind], label=f"{kind}, delta {mid:g}")
+    pre = data["pretrained"]
+    axes[0].plot([pre["dev_abs"]], [pre["reward"]], "k*", ms=10, label="pre-trained")
+    axes[0].set_xscale("log")
+    lo = min(min(data["final"][k]["dev_abs"]) for k in data["final"])
+    hi = max(max(data["final"][k]["dev_abs"]) for k in data["final"])
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0) if lo / 1.5 <= t <= hi * 1.5]
+    axes[0].xaxis.set_major_locator(FixedLocator(ticks))
+    axes[0].xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    axes[0].xaxis.set_minor_locator(NullLocator())
+    axes[0].xaxis.set_minor_formatter(NullFormatter())
+    axes[0].set_xlabel("mean ||x| - 1| (off-support, log scale)")
+    axes[0].set_ylabel("final reward theta.x (batch mean)")
+    axes[0].set_title("one point per delta (labels: delta)", fontsize=9)
+    axes[0].legend(fontsize=8, loc="upper left")
+    axes[1].set_xlabel("round k")
+    axes[1].set_ylabel("reward theta.x (batch mean)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    c = data["config"]
+    fig.suptitle(f"unit sphere, D = {c['D']}, B = {c['n']}, K = {c['rounds']}" + (" [quick]" if data["quick"] else ""))
+    fig.tight_layout()
+    return fig
+
+
+@figure("gg_sphere", "Gradient guidance on unit-sphere data: reward vs ||x| - 1|, G vs G_loss over the delta sweep",
+        draw=draw_sphere)
+def fig_sphere(quick: bool = False) -> dict:
     cfg = quick_sphere() if quick else SphereConfig()
     res = run_sphere(cfg)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    data = {"deltas": list(cfg.deltas), "pretrained": res["pretrained"], "final": {}}
-    for kind, marker in (("G", "o"), ("G_loss", "s")):
-        rew = [res["runs"][f"{kind}@{d}"]["reward"][-1] for d in cfg.deltas]
-        dev = [res["runs"][f"{kind}@{d}"]["dev_abs"][-1] for d in cfg.deltas]
-        axes[0].plot(dev, rew, marker=marker, color=COLORS[kind], label=kind)
-        for d, x, y in zip(cfg.deltas, dev, rew):
-            axes[0].annotate(f"{d:g}", (x, y), fontsize=7)
-        data["final"][kind] = {"reward": rew, "dev_abs": dev}
-        mid = cfg.deltas[len(cfg.deltas) // 2]
-        axes[1].plot(res["runs"][f"{kind}@{mid}"]["reward"], color=COLORS[kind], label=f"{kind}, delta {mid}")
-    axes[0].plot([res["pretrained"]["dev_abs"]], [res["pretrained"]["reward"]], "k*", ms=10, label="pre-trained")
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("mean ||x| - 1| (off-support)")
-    axes[0].set_ylabel("final reward theta.x (batch mean)")
-    axes[0].legend(fontsize=8)
-    axes[1].set_xlabel("round k")
-    axes[1].set_ylabel("reward")
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"unit sphere, D = {cfg.D}, B = {cfg.n}, K = {cfg.rounds}" + (" [quick]" if quick else ""))
-    return fig, data
+    data = {"deltas": list(cfg.deltas), "pretrained": res["pretrained"], "final": {}, "curves": res["runs"],
+            "config": cfg, "quick": quick}
+    for kind in ("G", "G_loss"):
+        data["final"][kind] = {key: [res["runs"][f"{kind}@{d}"][key][-1] for d in cfg.deltas]
+                               for key in ("reward", "dev_abs")}
+    return data
+
+
+#: what the sample panels of gg_distributions draw, per kept round (from ``experiments._summary``)
+_DRAWN = ("along_theta_par", "along_theta_perp", "perp_norm")
+
+
+def draw_distributions(data: dict):
+    """gg_distributions from its JSON: one column per run; top: samples of one seed along theta's in-span
+    and off-span directions at round 0 and the last round; bottom: histogram of log10 |x_perp|."""
+    plt = _plt()
+    runs = data["runs"]
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.4 * len(runs), 8))
+    for j, (name, r) in enumerate(runs.items()):
+        ax, bx = axes[0, j], axes[1, j]
+        K = r["rounds"]
+        for k, color in ((0, "gray"), (K, COLORS[r["guidance"]])):
+            smp = r["samples"][str(k)]
+            ax.scatter(smp["along_theta_par"], smp["along_theta_perp"], s=8, color=color, alpha=0.7, label=f"round {k}")
+            bx.hist(np.log10(np.array(smp["perp_norm"]) + 1e-16), bins=20, color=color, alpha=0.6, label=f"round {k}")
+        ax.set_title(LABELS[name], fontsize=10)
+        ax.set_xlabel("x . theta_par/|theta_par| (in span)")
+        bx.set_xlabel("log10 |x_perp|")
+        ax.margins(y=0.25)  # room above the points for the legend
+        ax.legend(fontsize=7, loc="upper left", ncol=2)
+        bx.legend(fontsize=7, loc="upper center", ncol=2)
+        bx.margins(y=0.2)
+    axes[0, 0].set_ylabel("x . theta_perp/|theta_perp| (off span)")
+    axes[1, 0].set_ylabel("samples")
+    fig.suptitle(f"samples of seed {next(iter(runs.values()))['seed']}: along theta's in-span and off-span "
+                 "directions (top), |x_perp| (bottom)" + (" [quick]" if data["quick"] else ""))
+    fig.tight_layout()
+    return fig
 
 
 @figure("gg_distributions", "Gradient guidance: samples before and after (projections on span(A) and |x_perp|), "
-        "Algorithms 1 and 2, G and G_loss (f1 theta_2)")
-def fig_distributions(quick: bool = False):
-    plt = _plt()
+        "Algorithms 1 and 2, G and G_loss (f1 theta_2)", draw=draw_distributions)
+def fig_distributions(quick: bool = False) -> dict:
     runs = {k: run(c) for k, c in alg_runs(quick).items()}
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7.5))
     data = {}
-    for j, (name, res) in enumerate(runs.items()):
+    drawn = {}
+    for name, res in runs.items():
         s0 = res["config"].seeds[0]
         samp = res["seeds"][s0]["samples"]
         K = res["config"].rounds
-        ax, bx = axes[0, j], axes[1, j]
-        for k, color in ((0, "gray"), (K, COLORS[res["config"].guidance])):
-            ax.scatter(samp[k]["along_theta_par"], samp[k]["along_theta_perp"], s=8, color=color, alpha=0.7,
-                       label=f"round {k}")
-            bx.hist(np.log10(np.array(samp[k]["perp_norm"]) + 1e-16), bins=20, color=color, alpha=0.6, label=f"round {k}")
-        ax.set_title(LABELS[name])
-        ax.set_xlabel("x . theta_par/|theta_par| (in span)")
-        ax.set_ylabel("x . theta_perp/|theta_perp| (off span)")
-        ax.legend(fontsize=7)
-        bx.set_xlabel("log10 |x_perp|")
-        bx.legend(fontsize=7)
         data[name] = {"seed": s0, "par_norm_mean": {k: float(np.mean(samp[k]["par_norm"])) for k in (0, K)},
                       "perp_norm_mean": {k: float(np.mean(samp[k]["perp_norm"])) for k in (0, K)},
                       "along_theta_par_mean": {k: float(np.mean(samp[k]["along_theta_par"])) for k in (0, K)},
                       "along_theta_perp_mean": {k: float(np.mean(samp[k]["along_theta_perp"])) for k in (0, K)}}
-    fig.suptitle("samples of one seed: along theta's in-span and off-span directions (top), |x_perp| (bottom)" + (" [quick]" if quick else ""))
-    return fig, data
+        drawn[name] = {"seed": s0, "rounds": K, "guidance": res["config"].guidance,
+                       "samples": {k: {key: samp[k][key] for key in _DRAWN} for k in (0, K)}}
+    return {**data, "runs": drawn, "quick": quick}
 
 
 @figure("gg_runtime", "Gradient guidance: runtime table (time to converge, per round, one unguided pass, ratios)")

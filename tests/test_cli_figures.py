@@ -1,0 +1,161 @@
+"""``diffsteer figures`` and the figure registry (theory.registry) on a tiny stand-in figure: output checked
+writable before any work, figures written as they finish, current outputs skipped, re-drawing from the
+JSON alone, the code version, readable files, threads, the cache folder, progress reports, messages."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import pytest
+import torch
+
+from diffsteer.cli import main
+from diffsteer.runtime import configure_threads, missing_extra_message
+from theory import progress, registry
+from theory.cache import cache_dir
+from theory.io import file_mode
+
+CALLS = []
+
+
+def _compute(quick=False):
+    CALLS.append(quick)
+    for k in range(3):
+        progress.report(k + 1, 3, "round", "fake rounds")
+    return {"x": [0.0, 1.0, 2.0], "y": [1.0, float("nan"), 4.0], "quick": quick}
+
+
+def _draw(data):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot(data["x"], [v if isinstance(v, float) else float(v) for v in data["y"]])
+    return fig
+
+
+@pytest.fixture
+def fake():
+    CALLS.clear()
+    registry.figure("zz_test_fake", "a stand-in figure", draw=_draw)(_compute)
+    yield "zz_test_fake"
+    registry.FIGURES.pop("zz_test_fake", None)
+
+
+def _quiet(s):
+    pass
+
+
+def test_written_current_skipped_forced_and_settings_matter(tmp_path, fake):
+    out = registry.run_figures([fake], tmp_path, progress=False, log=_quiet)
+    rec = json.loads((tmp_path / f"{fake}.json").read_text())
+    assert rec["quick"] is False and rec["code_hash"] == registry.code_hash(__name__) and rec["data"]["y"][1] == "nan"
+    assert out[fake]["wall_time_s"] >= 0 and CALLS == [False]
+    assert registry.is_current(fake, tmp_path, quick=False) and not registry.is_current(fake, tmp_path, quick=True)
+    assert registry.run_figures([fake], tmp_path, progress=False, log=_quiet) == {} and CALLS == [False]
+    registry.run_figures([fake], tmp_path, progress=False, skip_current=False, log=_quiet)
+    registry.run_figures([fake], tmp_path, quick=True, progress=False, log=_quiet)
+    assert CALLS == [False, False, True]
+    (tmp_path / f"{fake}.png").unlink()  # a missing PNG makes the output stale
+    assert not registry.is_current(fake, tmp_path, quick=True)
+
+
+def test_files_are_created_with_the_umask_mode(tmp_path, fake):
+    registry.run_figures([fake], tmp_path, progress=False, log=_quiet)
+    for suffix in (".png", ".json"):
+        assert stat.S_IMODE(os.stat(tmp_path / f"{fake}{suffix}").st_mode) == file_mode()
+
+
+def test_replot_draws_from_the_json_alone_and_leaves_it(tmp_path, fake):
+    registry.run_figures([fake], tmp_path, progress=False, log=_quiet)
+    png, js = (tmp_path / f"{fake}.png").read_bytes(), (tmp_path / f"{fake}.json").read_bytes()
+    (tmp_path / f"{fake}.png").unlink()
+    assert registry.replot_figures([fake], tmp_path, log=_quiet) == {}
+    assert (tmp_path / f"{fake}.png").read_bytes() == png and (tmp_path / f"{fake}.json").read_bytes() == js
+    assert CALLS == [False]  # nothing recomputed
+    rec = json.loads(js)
+    del rec["data"]["x"]
+    (tmp_path / f"{fake}.json").write_text(json.dumps(rec))
+    assert "lacks 'x'" in registry.replot_figures([fake], tmp_path, log=_quiet)[fake]
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, fake):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for bad in (blocker, blocker / "sub"):
+        with pytest.raises(ValueError, match="out:"):
+            registry.run_figures([fake], bad, progress=False, log=_quiet)
+    assert CALLS == []
+
+
+def test_progress_reports_reach_the_listener():
+    seen = []
+    with progress.listening(lambda *a: seen.append(a)):
+        _compute()
+    progress.report(1, 1)  # no listener: nothing happens
+    assert seen == [(k, 3, "round", "fake rounds") for k in (1, 2, 3)]
+
+
+def test_code_hash_follows_first_party_imports(tmp_path, monkeypatch):
+    pkg = tmp_path / "fakepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import f\n")
+    (pkg / "b.py").write_text("def f():\n    return 1\n")
+    (pkg / "c.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "FIRST_PARTY", (*registry.FIRST_PARTY, "fakepkg"))
+    monkeypatch.setattr(registry, "_HASHES", {})
+    h = registry.code_hash("fakepkg.a")
+    (pkg / "c.py").write_text("X = 2\n")  # not imported by a: same version
+    registry._HASHES.clear()
+    assert registry.code_hash("fakepkg.a") == h
+    (pkg / "b.py").write_text("def f():\n    return 2\n")  # imported by a: new version
+    registry._HASHES.clear()
+    assert registry.code_hash("fakepkg.a") != h
+    sys.modules.pop("fakepkg", None)
+
+
+def test_real_figures_hash_their_shared_code():
+    """theory_tilting's version covers the grid estimators it imports and the solver."""
+    assert registry.code_hash("sims.fig_theory") != registry.code_hash("sims.grid2d")
+    assert registry.code_hash("sims.fig_theory") == registry.code_hash("sims.fig_theory")
+
+
+def test_cli_requires_out_outside_the_repository(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["figures", "--only", "theory_tilting"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["figures", "--only", "no_such_figure", "--out", str(tmp_path)]) == 2
+    assert "only: unknown" in capsys.readouterr().err
+
+
+def test_cli_threads_option_and_default(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        assert main(["figures", "--list", "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+        assert main(["figures", "--list"]) == 0
+        assert torch.get_num_threads() == 1  # the small networks' default: one thread per process
+        with pytest.raises(ValueError, match="threads"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_missing_extra_and_missing_module_messages():
+    assert "pip install 'diffsteer[imaging]'" in missing_extra_message(ModuleNotFoundError("x", name="diffusers"))
+    assert missing_extra_message(ModuleNotFoundError("x", name="numpy")) is None
+    why = registry.load(["sims.fig_theory", "no_such_package_xyz.figures"])
+    assert list(why) == ["no_such_package_xyz.figures"] and "no_such_package_xyz" in why["no_such_package_xyz.figures"]
+
+
+def test_cache_folder_is_the_sessions_temporary_one(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    assert Path.home() not in cache_dir().parents  # conftest points it at a temporary folder
+    monkeypatch.setenv("DIFFSTEER_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DIFFSTEER_CACHE")
+    assert cache_dir().name == "diffsteer"  # the platform's user cache folder
