@@ -183,3 +183,18 @@ def test_api_page_python_examples_run():
         if "history" in ns:
             cfg = ns["config"]
             assert ns["history"][-1]["reward_queries_total"] == cfg.steps * cfg.batch_size
+
+
+#: what code must not cite: the design notes and plans that are not in the repository, issue numbers, and
+#: test letters of a plan (``test_b_...``; ``test_h_transform...`` and ``test_r_off...`` name the h-transform
+#: and r_off, not a letter); the mathematics is cited as docs/theory.md §N or a paper's equation
+NOT_CITED = re.compile(r"THEORY\.md|GRADIENT_GUIDANCE|ARCHITECTURE\.md|ENGINE_API|PEERS\.md|DIGITS_PIPELINE"
+                       r"|\.\./shared|\b[Ii]ssues? \d|\bdef test_[a-z]_(?!transform|off)")
+
+
+def test_code_cites_only_what_ships():
+    """No .py file cites a design note outside the repository, an issue number or a plan's test letter."""
+    bad = [f"{f.relative_to(ROOT)}:{i}: {line.strip()[:80]}"
+           for f in _code_files() if f.name != "test_docs.py"
+           for i, line in enumerate(f.read_text().splitlines(), 1) if NOT_CITED.search(line)]
+    assert not bad, f"{len(bad)} citation(s) of what the repository does not ship:\n" + "\n".join(bad)
