@@ -20,7 +20,7 @@ from torch import nn
 
 from .clip_score import ClipPreprocess, require_folder
 
-__all__ = ["AestheticMLP", "AestheticReward", "load_head"]
+__all__ = ["AestheticMLP", "AestheticReward", "AestheticScorer", "load_head"]
 
 
 class AestheticMLP(nn.Module):
@@ -73,7 +73,7 @@ def load_head(head_path, input_size: int = 768) -> AestheticMLP:
 
 
 class AestheticReward(nn.Module):
-    """a(x) = MLP(normalise(E_img(preprocess(x)))) on images in [0, 1] (B, 3, H, W) -> (B,) (docs/theory.md §8).
+    """a(x) = MLP(normalise(E_img(preprocess(x)))) on images in [0, 1] (B, 3, H, W) -> (B,), docs/theory.md (8.4).
 
     ``clip_path``: local folder of the CLIP ViT-L/14 image tower (a ``CLIPVisionModelWithProjection`` or a
     whole ``CLIPModel`` such as openai/clip-vit-large-patch14 saved with ``save_pretrained``; its
@@ -108,6 +108,11 @@ class AestheticReward(nn.Module):
         self.requires_grad_(False)
         self.__name__ = "aesthetic"
 
+    @classmethod
+    def from_local(cls, clip_path, head_path, **kwargs) -> "AestheticReward":
+        """``AestheticReward(clip_path, head_path, **kwargs)``: the tower's folder and the head's file."""
+        return cls(clip_path, head_path, **kwargs)
+
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Unit-norm CLIP image embeddings (B, D)."""
         p = next(self.vision.parameters())
@@ -121,3 +126,6 @@ class AestheticReward(nn.Module):
     def train(self, mode: bool = True):
         """Always in eval mode: the head's dropout must not act on a reward."""
         return super().train(False)
+
+
+AestheticScorer = AestheticReward  # the name imaging.ctrl reads it by (``AestheticScorer.from_local``)

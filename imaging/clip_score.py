@@ -126,7 +126,7 @@ def _cond_rows(cond, batch: int, n_prompts: int, device) -> torch.Tensor:
 
 
 class ClipScore(nn.Module):
-    """CLIP prompt-image score (PickScore's format; docs/theory.md §8):
+    """CLIP prompt-image score (PickScore's format), docs/theory.md (8.5):
 
         s(x, p) = exp(logit_scale) * <E_img(x) / |E_img(x)|, E_txt(p) / |E_txt(p)|>,
 

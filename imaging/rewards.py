@@ -3,7 +3,7 @@
 Every image reward is an image measure ``f(images in [0, 1] (B, 3, H, W), cond) -> (B,)`` seen through the
 pipeline's VAE decoder, the last differentiable step of the reward (``LatentReward``; docs/theory.md §8):
 
-    r(x0) = f(D(x0 / s) / 2 + 1/2, cond),   D the VAE decoder, s its scaling factor.
+    r(x0) = f(clip(D(x0 / s) / 2 + 1/2, 0, 1), cond),   D the VAE decoder, s its scaling factor   (8.1)
 
 Each reward carries ``differentiable`` (True when autograd gives its gradient; False for a reward that only
 the policy-gradient route may use). The measures here:
@@ -31,6 +31,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from theory.classifiers import ClassifierReward
 
 from .pipeline import decode_latents
 
@@ -82,14 +84,21 @@ def _jpeg_bytes(arr: np.ndarray, quality: int) -> int:
     return buf.tell()
 
 
-def jpeg_size_kb(img: torch.Tensor, cond=None, quality: int = 95, workers: int = 1) -> torch.Tensor:
+def jpeg_size_kb(img: torch.Tensor, cond=None, quality: int = 95, upscale: int = 1, workers: int = 1) -> torch.Tensor:
     """The true JPEG file size in kB (1 kB = 1000 bytes) of each image saved by PIL at ``quality``: the
-    compressibility measure of the CTRL and DDPO experiments (docs/theory.md §8). Not differentiable.
+    compressibility measure of the CTRL and DDPO experiments, docs/theory.md (8.2). Not differentiable.
 
-    The batch is quantised to uint8 in one tensor operation; the encodes (PIL releases the GIL while it
-    encodes) run on ``workers`` threads."""
+    ``upscale`` > 1: nearest-neighbour upscale by that integer factor first (on 32 px images the fixed
+    JPEG headers, ~0.6 kB, dominate the file; upscaled, the entropy-coded payload does). The batch is
+    quantised to uint8 in one tensor operation; the encodes (PIL releases the GIL while it encodes) run on
+    ``workers`` threads."""
     if not 1 <= int(quality) <= 100:
         raise ValueError(f"quality: JPEG quality must be in [1, 100], got {quality}")
+    if int(upscale) != upscale or upscale < 1:
+        raise ValueError(f"upscale: an integer factor >= 1, got {upscale}")
+    if upscale > 1:
+        _check_images(img)
+        img = img.detach().repeat_interleave(int(upscale), -2).repeat_interleave(int(upscale), -1)
     arrs = to_uint8(img)
     if workers > 1 and len(arrs) > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -100,7 +109,7 @@ def jpeg_size_kb(img: torch.Tensor, cond=None, quality: int = 95, workers: int =
 
 
 def jpeg_compressibility(img: torch.Tensor, cond=None, quality: int = 95) -> torch.Tensor:
-    """Minus the JPEG size in kB (DDPO's compressibility reward; not differentiable; docs/theory.md §8)."""
+    """Minus the JPEG size in kB, docs/theory.md (8.2) (DDPO's compressibility reward; not differentiable)."""
     return -jpeg_size_kb(img, cond, quality=quality)
 
 
@@ -117,7 +126,7 @@ _jpeg_incompressibility.differentiable = False  # type: ignore[attr-defined]
 
 
 class JpegRoundTrip:
-    """Differentiable JPEG compressibility (DRaFT appendix B.3; docs/theory.md §8):
+    """Differentiable JPEG compressibility, docs/theory.md (8.3) (DRaFT appendix B.3):
 
         r(x) = - 1/(3HW) || x - J_q(x) ||^2,   J_q = decode(encode(x, quality q)),
 
@@ -127,12 +136,15 @@ class JpegRoundTrip:
     ``incompressible=True`` negates r (DRaFT's incompressibility). The codec replaces rounding by the cubic
     surrogate round(u) + (u - round(u))^3 (Shin & Song 2017), so r is piecewise smooth: autograd gives its
     gradient inside each piece, and it jumps where a quantised DCT coefficient crosses a half-integer.
-    The mean (not the sum) keeps the reward's scale independent of the resolution.
+    The mean (not the sum) keeps the reward's scale independent of the resolution. Default q = 25: on 256 real
+    digits at 32 px the surrogate's Spearman correlation with the true size (quality 95) is 0.87, 0.86, 0.77,
+    0.80, 0.80 at q = 10, 25, 50, 75, 90 (``python -m imaging.rewards`` measures it); 25 is near the best
+    while its round trip still keeps the coarse shapes, which q = 10 blurs away.
     """
 
     differentiable = True
 
-    def __init__(self, quality: float = 50.0, incompressible: bool = False):
+    def __init__(self, quality: float = 25.0, incompressible: bool = False):
         if not 1.0 <= float(quality) <= 100.0:
             raise ValueError(f"quality: JPEG quality must be in [1, 100], got {quality}")
         self.quality, self.incompressible = float(quality), bool(incompressible)
@@ -170,42 +182,6 @@ class TemperatureScaled(nn.Module):
         return torch.log_softmax(z / self.temperature.to(z.dtype), dim=-1)
 
 
-def _ctrl_reward(*log_probs):
-    """CTRL's reward r(x, y) = sum_i log p_i(y_i | x) (docs/theory.md §6), the engine's ``ClassifierReward``."""
-    try:
-        from theory.classifiers import ClassifierReward
-    except ImportError:  # pragma: no cover - until the engine's ClassifierReward lands in theory.classifiers
-        ClassifierReward = _FallbackClassifierReward
-    return ClassifierReward(*log_probs)
-
-
-class _FallbackClassifierReward:
-    """Stand-in for ``theory.classifiers.ClassifierReward`` while it is not there: sum_i log p_i(y_i | x)
-    (docs/theory.md §6). To be removed once the engine exports it."""
-
-    differentiable = True
-
-    def __init__(self, *log_probs):
-        if not log_probs:
-            raise ValueError("log_probs: give at least one classifier")
-        self.log_probs = log_probs
-
-    def __call__(self, x, cond):
-        if cond is None:
-            raise ValueError("cond: the CTRL reward needs the label of every sample")
-        c = torch.as_tensor(cond, device=x.device).long()
-        c = c[:, None] if c.ndim == 1 else c
-        if c.shape != (x.shape[0], len(self.log_probs)):
-            raise ValueError(f"cond: expected ({x.shape[0]}, {len(self.log_probs)}) labels, got {tuple(c.shape)}")
-        r = 0.0
-        for i, lp in enumerate(self.log_probs):
-            L = lp(x)
-            if int(c[:, i].min()) < 0 or int(c[:, i].max()) >= L.shape[-1]:
-                raise ValueError(f"cond: labels of condition {i} must be in [0, {L.shape[-1]})")
-            r = r + L.gather(-1, c[:, i, None]).squeeze(-1).to(x.dtype)
-        return r
-
-
 class _OnLatents:
     """A reward read directly on the latents x0 (no decoder)."""
 
@@ -222,8 +198,9 @@ class _OnLatents:
 
 
 def classifier_reward(pipe, *classifiers: nn.Module, on: str = "images", temperature: Optional[Sequence[float]] = None):
-    """CTRL's reward r(x0, y) = sum_i log softmax(z_i / T_i)[y_i] (docs/theory.md §6, §8) for one or several
-    classifiers (several labels: ``cond`` is (B, n_classifiers); one label: ``cond`` is (B,)).
+    """CTRL's reward r(x0, y) = sum_i log softmax(z_i / T_i)[y_i], docs/theory.md (8.6), for one or several
+    classifiers (several labels: ``cond`` is (B, n_classifiers); one label: ``cond`` is (B,)), computed by
+    ``theory.classifiers.ClassifierReward``.
 
     ``on="images"``: each classifier reads the decoded images in [0, 1] (B, 3, H, W) through the VAE decoder;
     ``on="latents"``: it reads the latents x0 directly (cheaper; no decoder in the gradient).
@@ -239,7 +216,7 @@ def classifier_reward(pipe, *classifiers: nn.Module, on: str = "images", tempera
         if len(temperature) != len(classifiers):
             raise ValueError(f"temperature: one per classifier, got {len(temperature)} for {len(classifiers)}")
         classifiers = tuple(TemperatureScaled(c, T) for c, T in zip(classifiers, temperature))
-    f = _ctrl_reward(*classifiers)
+    f = ClassifierReward(*classifiers)
     if on == "latents":
         return _OnLatents(f, "classifier")
     f.__name__ = "classifier"
@@ -258,7 +235,7 @@ IMAGE_REWARDS: dict[str, Callable] = {
 
 
 class LatentReward:
-    """r(x0) = f(decode(x0), cond): an image reward seen through the pipeline's VAE decoder (docs/theory.md §8)."""
+    """r(x0) = f(decode(x0), cond): an image reward seen through the pipeline's VAE decoder, docs/theory.md (8.1)."""
 
     def __init__(self, pipe, image_reward: Callable | str):
         if isinstance(image_reward, str):
@@ -277,7 +254,7 @@ class LatentReward:
         return r.to(x0.dtype)
 
 
-def _jpeg_diff(pipe, quality: float = 50.0, incompressible: bool = False):
+def _jpeg_diff(pipe, quality: float = 25.0, incompressible: bool = False):
     return LatentReward(pipe, JpegRoundTrip(quality, incompressible))
 
 
@@ -311,8 +288,8 @@ _FACTORIES: dict[str, Callable] = {
     "jpeg-size": _true_jpeg(1.0),
     "compressibility": _true_jpeg(-1.0),
     "incompressibility": _true_jpeg(1.0),
-    "diff-compressibility": lambda pipe, quality=50.0: _jpeg_diff(pipe, quality, False),
-    "diff-incompressibility": lambda pipe, quality=50.0: _jpeg_diff(pipe, quality, True),
+    "diff-compressibility": lambda pipe, quality=25.0: _jpeg_diff(pipe, quality, False),
+    "diff-incompressibility": lambda pipe, quality=25.0: _jpeg_diff(pipe, quality, True),
     "aesthetic": _aesthetic,
     "clip-score": _clip_score,
     "pickscore": _clip_score,
@@ -340,7 +317,7 @@ def make_reward(pipe, name: str, *args, **kwargs):
     return factory(pipe, *args, **kwargs)
 
 
-def jpeg_rank_correlation(images: torch.Tensor, quality: float = 50.0, jpeg_quality: int = 95) -> float:
+def jpeg_rank_correlation(images: torch.Tensor, quality: float = 25.0, jpeg_quality: int = 95) -> float:
     """Spearman rank correlation between the differentiable JPEG *incompressibility* (``JpegRoundTrip`` at
     ``quality``) and the true JPEG size in kB at ``jpeg_quality`` over ``images`` (B, 3, H, W) in [0, 1]:
     how well the DRaFT surrogate orders images as the true measure does (1 = same order)."""
@@ -350,3 +327,54 @@ def jpeg_rank_correlation(images: torch.Tensor, quality: float = 50.0, jpeg_qual
         surrogate = JpegRoundTrip(quality, incompressible=True)(images.double())
     size = jpeg_size_kb(images, quality=jpeg_quality)
     return float(spearmanr(surrogate.cpu().numpy(), size.double().cpu().numpy()).statistic)
+
+
+def _main(argv=None) -> dict:
+    """``python -m imaging.rewards [--model DIR] [--n 256]``: Spearman rank correlation of the differentiable
+    JPEG incompressibility (8.3) with the true JPEG size (8.2) on n images: samples of the digits pipeline
+    (``--model``, else the cached default one when it is built), or, without one, real 8x8 digits upscaled
+    to 32 px. Prints and returns a JSON-able dict (one correlation per codec quality and per true-size
+    variant: at the images' size and nearest-upscaled 4x)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m imaging.rewards", description=_main.__doc__)
+    ap.add_argument("--model", default=None, help="a digits pipeline folder (default: the cached one, if built)")
+    ap.add_argument("--n", type=int, default=256, help="number of images (default 256)")
+    ap.add_argument("--qualities", default="10,25,50,75,90", help="codec qualities q of (8.3), comma-separated")
+    ap.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance weight of the samples")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from . import digits_pipeline as dp
+
+    folder = args.model
+    if folder is None and dp.is_digits_pipeline(dp.default_pipeline_dir()):
+        folder = str(dp.default_pipeline_dir())
+    if folder is not None:
+        from .pipeline import load_pipeline
+
+        pipe = load_pipeline(folder)
+        labels = torch.arange(args.n) % 10
+        with torch.no_grad():
+            images = dp.sample_digits(pipe, labels, args.cfg, seed=args.seed)
+        source = f"digits pipeline {folder} (cfg {args.cfg}, 25 DDIM steps, seed {args.seed})"
+    else:
+        images, _ = dp.digits_images(np.arange(args.n))
+        source = "real sklearn digits 0..n-1, bilinear-upscaled to 32 px (no digits pipeline built)"
+    images = images.double()
+    out = {"images": source, "n": int(images.shape[0]), "jpeg_quality": 95, "spearman": {}}
+    for q in [float(v) for v in args.qualities.split(",")]:
+        with torch.no_grad():
+            sur = JpegRoundTrip(q, incompressible=True)(images).numpy()
+        from scipy.stats import spearmanr
+
+        out["spearman"][f"q{q:g}"] = {
+            "size": float(spearmanr(sur, jpeg_size_kb(images).numpy()).statistic),
+            "size_upscaled_4x": float(spearmanr(sur, jpeg_size_kb(images, upscale=4).numpy()).statistic),
+        }
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    _main()

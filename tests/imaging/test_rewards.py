@@ -76,6 +76,10 @@ def test_true_jpeg_size_is_pil_file_size_per_image():
     assert torch.equal(jpeg_size_kb(x, workers=3), expected)
     assert torch.equal(jpeg_compressibility(x), -expected)
     assert expected[0] < expected[1:].min()  # the flat image is the smallest file
+    big = x.repeat_interleave(3, -2).repeat_interleave(3, -1)  # nearest 3x upscale
+    assert torch.equal(jpeg_size_kb(x, upscale=3), jpeg_size_kb(big))
+    with pytest.raises(ValueError, match="upscale"):
+        jpeg_size_kb(x, upscale=1.5)
     assert jpeg_size_kb.differentiable is False and jpeg_compressibility.differentiable is False
     with pytest.raises(ValueError, match="img"):
         jpeg_size_kb(torch.zeros(2, 1, 8, 8))
@@ -257,6 +261,16 @@ def test_aesthetic_reward_loads_local_files_and_scores(tiny_clip_folder, tmp_pat
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     worst, scale = _fd_check(latent, z)
     assert scale > 0
+
+
+def test_aesthetic_from_local_is_the_constructor(tiny_clip_folder, tmp_path):
+    from imaging.aesthetic import AestheticScorer
+
+    torch.save(AestheticMLP(8).state_dict(), tmp_path / "head.pth")
+    a = AestheticScorer.from_local(tiny_clip_folder, tmp_path / "head.pth")
+    b = AestheticReward(tiny_clip_folder, tmp_path / "head.pth")
+    x = _grid_images(2, 32, 32).float()
+    assert torch.equal(a(x), b(x))
 
 
 def test_aesthetic_missing_files_name_the_argument(tiny_clip_folder, tmp_path):
