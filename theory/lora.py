@@ -31,7 +31,30 @@ __all__ = [
     "set_active_adapters",
     "disabled_lora",
     "adapter_names",
+    "LORA_TARGET_GROUPS",
+    "resolve_targets",
 ]
+
+#: Named groups of LoRA targets in a diffusers UNet's transformer blocks (peft suffix match): the attention
+#: projections q, k, v, out of every self- and cross-attention (diffusers' LoRA training script) and the
+#: feed-forward layers (GEGLU input projection and output; DRaFT sec. 4 adapts attention and feed-forward).
+LORA_TARGET_GROUPS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "feedforward": ("ff.net.0.proj", "ff.net.2"),
+}
+
+
+def resolve_targets(targets: Sequence[str]) -> list[str]:
+    """Module names for peft: each entry a module name (suffix match) or a group of ``LORA_TARGET_GROUPS``
+    ('attention', 'feedforward'), expanded in place; duplicates dropped, order kept."""
+    if isinstance(targets, str):
+        targets = [targets]
+    out: list[str] = []
+    for t in targets:
+        for name in LORA_TARGET_GROUPS.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 def _default_targets(model: nn.Module) -> list[str]:
@@ -69,8 +92,9 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: Optional[float] = None,
              init: str = "zeros") -> nn.Module:
     """Inject a LoRA adapter of rank ``rank`` into ``model`` in place (peft ``inject_adapter_in_model``).
 
-    ``target_modules``: module names (peft's suffix match, e.g. ["to_q", "to_k", "to_v", "to_out.0"]);
-    default every ``nn.Linear`` and ``nn.Conv2d``. ``alpha`` defaults to ``rank`` (scaling alpha / r = 1).
+    ``target_modules``: module names (peft's suffix match, e.g. ["to_q", "to_k", "to_v", "to_out.0"]) or
+    groups of ``LORA_TARGET_GROUPS`` ('attention', 'feedforward'); default every ``nn.Linear`` and
+    ``nn.Conv2d``. A half-precision (bf16 / fp16) base gets a float32 adapter. ``alpha`` defaults to ``rank`` (scaling alpha / r = 1).
     All non-LoRA parameters of ``model`` are frozen. ``init='zeros'``: peft's default (A Kaiming-uniform,
     B = 0), so the output is unchanged bit for bit; ``init='gaussian'``: A ~ N(0, 1/r), B = 0."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -83,7 +107,7 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: Optional[float] = None,
         raise ValueError(f"init: 'zeros' (peft default, B = 0) or 'gaussian', got {init!r}")
     if adapter_name in adapter_names(model):
         raise ValueError(f"adapter_name: '{adapter_name}' already exists in the model; pick another name")
-    targets = list(target_modules) if target_modules is not None else _default_targets(model)
+    targets = resolve_targets(target_modules) if target_modules is not None else _default_targets(model)
     if not targets:
         raise ValueError("target_modules: the model has no nn.Linear / nn.Conv2d; name the modules to adapt")
     for p in model.parameters():
@@ -96,7 +120,10 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: Optional[float] = None,
     layers = [m for m in lora_layers(model) if adapter_name in m.lora_A]
     if not layers:
         raise ValueError(f"target_modules: none of {targets[:5]} matched a module of the model")
-    for m in layers:
+    for m in layers:  # half-precision base: the adapter trains in float32 (peft casts x in and the delta out)
+        for factors in (m.lora_A, m.lora_B):
+            if factors[adapter_name].weight.dtype in (torch.float16, torch.bfloat16):
+                factors[adapter_name].float()
         m._diffsteer_base_scaling = dict(getattr(m, "_diffsteer_base_scaling", {}))
         m._diffsteer_base_scaling[adapter_name] = float(m.scaling[adapter_name])
     # trainable: this adapter's parameters only (peft also marks them; make it explicit)
