@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .runtime import add_threads_option, configure_threads
+
 #: modules contributing subcommands (imaging's need only argparse at import time).
 COMMAND_MODULES = ["diffsteer.cmd_figures", "imaging.cli", "imaging.cli_ctrl"]
 
@@ -30,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         m.add_parser(sub)
+    for p in sub.choices.values():  # --threads on every command; a command that did not add its own gets
+        try:  # the default "every usable core" (large networks)
+            add_threads_option(p, default=None)
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
@@ -83,6 +90,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        configure_threads(args.threads, args.default_threads)  # the one place every command sets its threads
         return int(args.func(args) or 0)
     except ModuleNotFoundError as e:
         msg = _missing_extra(e)

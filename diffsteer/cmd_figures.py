@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .runtime import add_threads_option, configure_threads
+from .runtime import add_threads_option
 
 #: figure modules of ``imaging`` (those of ``sims`` are listed in ``sims.registry.FIGURE_MODULES``).
 IMAGING_FIGURE_MODULES = ["imaging.digits", "imaging.ctrl_figures"]
@@ -76,7 +76,6 @@ def _log(s: str) -> None:
 def run(args) -> int:
     from theory import registry
 
-    configure_threads(args.threads, args.default_threads)
     modules = figure_modules()
     for mod, why in registry.load(modules).items():
         _log(f"figures: module {mod} not loaded ({why}); its figures are unavailable")

@@ -11,13 +11,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
+from .cache import cache_dir  # the one cache-folder helper (re-exported)
+from .progress import report
 from .schedules import NoiseSchedule, append_dims, as_time
 
 __all__ = ["EpsMLP", "DSMConfig", "train_dsm", "cache_dir", "cached", "dsm_loss"]
@@ -126,7 +127,7 @@ def train_dsm(model: nn.Module, schedule: NoiseSchedule, data: Union[torch.Tenso
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="score matching", leave=False)
-    for _ in it:
+    for step in it:
         x0, y = draw(config.batch_size, g)
         x0 = x0.to(dtype)
         t = config.t_min + (schedule.T - config.t_min) * torch.rand(x0.shape[0], generator=g, dtype=dtype)
@@ -144,14 +145,11 @@ def train_dsm(model: nn.Module, schedule: NoiseSchedule, data: Union[torch.Tenso
                     if v.dtype.is_floating_point:
                         ema[k].mul_(config.ema).add_(v, alpha=1 - config.ema)
         losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0 or step + 1 == config.steps:  # to a progress display, if one listens
+            report(step + 1, config.steps, "step", "pre-trained network (score matching)")
     if ema is not None:
         model.load_state_dict(ema)
     return losses
-
-
-def cache_dir() -> Path:
-    """Where trained models are cached: $DIFFSTEER_CACHE, else ~/.cache/diffsteer (outside git)."""
-    return Path(os.environ.get("DIFFSTEER_CACHE", Path.home() / ".cache" / "diffsteer"))
 
 
 def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], object]) -> nn.Module:

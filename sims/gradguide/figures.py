@@ -199,10 +199,12 @@ def draw_distributions(data: dict):
     for j, (name, r) in enumerate(runs.items()):
         ax, bx = axes[0, j], axes[1, j]
         K = r["rounds"]
+        logp = {k: np.log10(np.array(r["samples"][str(k)]["perp_norm"], dtype=float) + 1e-16) for k in (0, K)}
+        edges = np.histogram_bin_edges(np.concatenate(list(logp.values())), bins=30)  # one set of bins for both
         for k, color in ((0, "gray"), (K, COLORS[r["guidance"]])):
             smp = r["samples"][str(k)]
             ax.scatter(smp["along_theta_par"], smp["along_theta_perp"], s=8, color=color, alpha=0.7, label=f"round {k}")
-            bx.hist(np.log10(np.array(smp["perp_norm"]) + 1e-16), bins=20, color=color, alpha=0.6, label=f"round {k}")
+            bx.hist(logp[k], bins=edges, color=color, alpha=0.6, label=f"round {k}")
         ax.set_title(LABELS[name], fontsize=10)
         ax.set_xlabel("x . theta_par/|theta_par| (in span)")
         bx.set_xlabel("log10 |x_perp|")
