@@ -178,10 +178,15 @@ def test_clip_preprocess_equals_transformers_processor(H, W):
     also rounds to uint8 after each pass. The first rounding (<= 1/2 level) is carried through the height pass
     with gain at most S = max_i sum_j |W_ij| (its weights, negative lobes included), the second adds 1/2 level,
     PIL's 22-bit fixed-point weights add < 1e-3 level: |diff| <= (S/2 + 1/2 + 1e-3) / 255 / min(std) in
-    normalised units, plus float32 rounding (1e-5)."""
-    from transformers import CLIPImageProcessor
+    normalised units, plus float32 rounding (1e-5). The reference is the PIL processor (transformers 5 picks
+    a torchvision one instead when torchvision is installed; it resizes in one float pass, without the
+    intermediate rounding and clipping)."""
+    try:
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:  # transformers < 5: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as Processor
 
-    proc = CLIPImageProcessor()
+    proc = Processor()
     prep = ClipPreprocess.from_processor(proc)
     x = _grid_images(2, H, W, seed=H + W, smooth=False)
     x[1] = F.avg_pool2d(x[1:2], 5, 1, 2)[0]  # one sharp, one smooth image
