@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 pytest.importorskip("diffusers")
@@ -118,6 +120,17 @@ def test_diff_jpeg_reward_signs_and_order():
     assert jpeg_rank_correlation(fam, quality=25) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="quality"):
         JpegRoundTrip(0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 4), H=st.integers(3, 20), W=st.integers(3, 20), seed=st.integers(0, 2**16))
+def test_jpeg_rewards_of_a_batch_are_those_of_each_image(B, H, W, seed):
+    """Identity: a batch's rewards are the rewards of its images one at a time (any size; kornia pads to 16)."""
+    x = _grid_images(B, H, W, seed=seed, smooth=False)
+    one = lambda f: torch.cat([f(x[i:i + 1]) for i in range(B)])  # noqa: E731
+    assert torch.equal(jpeg_size_kb(x), one(jpeg_size_kb))
+    r = JpegRoundTrip(25)
+    assert torch.allclose(r(x), one(r), rtol=1e-12, atol=1e-15)
 
 
 def _fd_check(f, x, n_dirs=3, h=1e-6, seed=0):
