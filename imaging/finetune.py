@@ -139,7 +139,8 @@ def _int(name: str, v, lo: int) -> None:
 
 
 def strategy_of(cfg: SDFinetuneConfig):
-    """The engine strategy named by ``cfg.method`` (its own checks against the config run in ``validate``)."""
+    """The engine strategy named by ``cfg.method`` (``theory.engine.make_strategy``; its own checks against
+    the config run in ``validate``)."""
     from theory.engine import make_strategy
 
     if cfg.method not in METHODS:
@@ -265,37 +266,29 @@ def build(cfg: SDFinetuneConfig, device: Optional[str] = None):
     sch = schedule_of(pipe)
     base = LatentEps(pipe.unet, sch, cond, unc, cfg.guidance_scale)
     targets = list(lora_target_modules(cfg.lora_targets))
+    kw = {}
     if cfg.n_labels:
-        # CTRL's augmented model: a zero-initialised table added to the UNet's time embedding, the prompt
-        # conditioning kept (CTRL sec. 4); conditions are rows [prompt index, label]
-        from .ctrl import PromptLabelSteered
-
-        model = PromptLabelSteered(base, n_labels=cfg.n_labels, lora_rank=cfg.lora_rank, lora_targets=targets)
-    else:
-        model = SteeredModel(base, lora_rank=cfg.lora_rank, lora_targets=targets)
-    _trainables_to_float32(model)
+        # CTRL's augmented model: a zero-initialised table added to the output of the UNet's time embedding
+        # (CTRL sec. 4); the conditions are PromptLabel(prompt index, label), the prompt reaches the UNet
+        kw = dict(n_labels=cfg.n_labels, label_mode="module", label_module="unet.time_embedding",
+                  label_shape=(int(pipe.unet.time_embedding.linear_2.out_features),))
+    # the engine keeps the trainable parts (LoRA, table) in float32 over a bf16 / fp16 base
+    model = SteeredModel(base, lora_rank=cfg.lora_rank, lora_targets=targets, **kw)
     model.to(device)
     ts = scheduler_grid(pipe.scheduler, cfg.sample_steps)
     reward = LatentReward(pipe, cfg.reward)
     return pipe, model, sch, ts, reward
 
 
-def _trainables_to_float32(model: torch.nn.Module) -> None:
-    """LoRA factors and label embeddings in float32 whatever the frozen weights' dtype (peft creates an
-    adapter in its base layer's dtype); their gradients and AdamW state are then float32 too."""
-    for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-            p.data = p.data.float()
-
-
 def _conditions(cfg: SDFinetuneConfig, n: int, generator: torch.Generator) -> torch.Tensor:
     """Training conditions: a uniform prompt index per sample; with labels, (prompt, label) pairs with the
     label uniform over the n_labels classes."""
+    from theory.engine import PromptLabel
+
     P = len(cfg.prompts)
     c = torch.randint(0, P, (n,), generator=generator)
     if cfg.n_labels:
-        y = torch.randint(0, cfg.n_labels, (n,), generator=generator)
-        return torch.stack([c, y], 1)
+        return PromptLabel(c, torch.randint(0, cfg.n_labels, (n,), generator=generator))
     return c
 
 
@@ -336,7 +329,9 @@ def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
         x = x_T_sampler(n, g)
         c = torch.arange(n, device=device) % P
         if cfg.n_labels:
-            c = torch.stack([c, torch.arange(n, device=device) % cfg.n_labels], 1)
+            from theory.engine import PromptLabel
+
+            c = PromptLabel(c, torch.arange(n, device=device) % cfg.n_labels)
         x0 = sample(eps_model, sch, x, ts, method="ddim", eta=cfg.eta, cond=c, generator=g).x0
         return float(reward(x0, c).float().mean())
 
@@ -350,7 +345,7 @@ def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
     if is_main:
         save_diffusers_lora(model, out)
         if cfg.n_labels:
-            atomic_save_tensors({"embedding": model.steered.embeddings[0].detach()}, out / "label_embedding.safetensors")
+            atomic_save_tensors({"embedding": model.label_parameters()[0].detach()}, out / "label_embedding.safetensors")
         atomic_write_json(out / "summary.json", summary)
     if dist is not None:
         dist.barrier()
