@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 
+from theory.progress import report
 from theory.registry import figure
 
 from .config import Setup, SphereConfig, alg_runs, convergence_runs, quick_sphere
@@ -29,13 +30,13 @@ def _plt():
     return plt
 
 
-def _band(ax, res, key, label, color, ls="-"):
-    """Mean over seeds of the per-seed batch means, with the min-max spread over seeds shaded."""
-    arr = np.array([res["seeds"][s][key] for s in res["config"].seeds])
-    k = np.arange(arr.shape[1])
-    ax.plot(k, arr.mean(0), color=color, ls=ls, label=label)
-    ax.fill_between(k, arr.min(0), arr.max(0), color=color, alpha=0.2)
-    return arr
+def _run_all(cfgs: dict) -> dict:
+    """``run`` of each config (cached per process), reporting each finished run to a progress listener."""
+    out = {}
+    for i, (k, c) in enumerate(cfgs.items()):
+        out[k] = run(c)
+        report(i + 1, len(cfgs), "run", "gradient-guidance runs")
+    return out
 
 
 def _curve_summary(res, key):
@@ -44,92 +45,136 @@ def _curve_summary(res, key):
             "final_per_seed": arr[:, -1].tolist()}
 
 
-@figure("gg_roff", "Gradient guidance: off-support ratio r_off per round, G vs G_loss, Algorithms 1 and 2 "
-        "(f1 theta_2, trained score), with the pre-trained model's r_off")
-def fig_roff(quick: bool = False):
+def _band_summary(ax, summ, label, color, ls="-"):
+    """A band from its JSON summary: the mean over seeds, the min-max spread over seeds shaded."""
+    k = np.arange(len(summ["mean"]))
+    ax.plot(k, summ["mean"], color=color, ls=ls, label=label)
+    ax.fill_between(k, summ["min"], summ["max"], color=color, alpha=0.2)
+
+
+def _kind(name: str) -> str:
+    return "G_loss" if name.endswith("G_loss") else "G"
+
+
+def _quick(data: dict) -> str:
+    return " [quick]" if data.get("quick") else ""
+
+
+def draw_roff(data: dict):
+    """gg_roff from its JSON (per-round r_off summaries over seeds)."""
     plt = _plt()
-    runs = {k: run(c) for k, c in alg_runs(quick).items()}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    data = {}
-    pre = float(np.mean([runs["alg1_G_loss"]["seeds"][s]["roff_mean"][0] for s in runs["alg1_G_loss"]["config"].seeds]))
     for ax, alg in zip(axes, ("alg1", "alg2")):
         for kind in ("G", "G_loss"):
             name = f"{alg}_{kind}"
-            _band(ax, runs[name], "roff_mean", LABELS[name], COLORS[kind])
-            data[name] = {"roff_mean": _curve_summary(runs[name], "roff_mean"),
-                          "roff_top4": _curve_summary(runs[name], "roff_top4")["final_per_seed"],
-                          "delta": runs[name]["config"].delta, "rounds": runs[name]["config"].rounds}
-        ax.axhline(pre, color="k", ls=":", label="pre-trained model")
+            _band_summary(ax, data[name]["roff_mean"], LABELS[name], COLORS[kind])
+        ax.axhline(data["pretrained_roff"], color="k", ls=":", label="pre-trained model")
         ax.set_yscale("log")
         ax.set_xlabel("round k")
-        ax.set_title(f"Algorithm {alg[-1]}" + (" (score fine-tuned from round "
-                     f"{runs[alg + '_G']['config'].start}/{runs[alg + '_G_loss']['config'].start})" if alg == "alg2" else ""))
+        starts = [data[f"{alg}_{k}"].get("start") for k in ("G", "G_loss")]
+        ax.set_title(f"Algorithm {alg[-1]}" + (f" (score fine-tuned from round {starts[0]}/{starts[1]})"
+                                               if alg == "alg2" and None not in starts else ""))
         ax.legend(fontsize=8)
     axes[0].set_ylabel("r_off = |x_perp| / |x_par| (batch mean)")
-    fig.suptitle("f1 with theta_2 (off/in-span ratio 9); mean over seeds, shaded: min-max" + (" [quick]" if quick else ""))
-    data["pretrained_roff"] = pre
-    return fig, data
+    fig.suptitle("f1 with theta_2 (off/in-span ratio 9); mean over seeds, shaded: min-max" + _quick(data))
+    return fig
 
 
-@figure("gg_objective", "Gradient guidance: objective per round, Algorithm 1 vs Algorithm 2 (f1 theta_2, trained "
-        "score), with the global maximum and the best value on the subspace")
-def fig_objective(quick: bool = False):
-    plt = _plt()
-    runs = {k: run(c) for k, c in alg_runs(quick).items()}
-    setup = Setup()
-    f = objective("f1_theta2", setup)
-    A = basis(setup)
-    r99 = math.sqrt(32.0)  # ~ 99% quantile of |z|, z ~ N(0, I_16) (chi^2_16 0.99 quantile = 32.0)
-    span_data = f.best_on_span(A, r99)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+@figure("gg_roff", "Gradient guidance: off-support ratio r_off per round, G vs G_loss, Algorithms 1 and 2 "
+        "(f1 theta_2, trained score), with the pre-trained model's r_off", draw=draw_roff)
+def fig_roff(quick: bool = False) -> dict:
+    runs = _run_all(alg_runs(quick))
     data = {}
     for name, res in runs.items():
-        kind = res["config"].guidance
-        _band(ax, res, "f_mean", LABELS[name], COLORS[kind], ls="-" if name.startswith("alg2") else "--")
-        data[name] = {"f_mean": _curve_summary(res, "f_mean"), "f_top4": _curve_summary(res, "f_top4")["final_per_seed"]}
-    ax.axhline(f.max_value, color="k", ls="-", lw=0.8, label="global max = 10 (also sup on span(A), at |x_par| ~ 27)")
-    ax.axhline(span_data, color="gray", ls=":", label=f"max on span(A) within |z| <= {r99:.2f}: {span_data:.2f}")
+        data[name] = {"roff_mean": _curve_summary(res, "roff_mean"),
+                      "roff_top4": _curve_summary(res, "roff_top4")["final_per_seed"],
+                      "delta": res["config"].delta, "rounds": res["config"].rounds, "start": res["config"].start}
+    data["pretrained_roff"] = float(np.mean([runs["alg1_G_loss"]["seeds"][s]["roff_mean"][0]
+                                             for s in runs["alg1_G_loss"]["config"].seeds]))
+    data["quick"] = quick
+    return data
+
+
+def draw_objective(data: dict):
+    """gg_objective from its JSON (per-round objective summaries over seeds, the two reference levels)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in LABELS:
+        _band_summary(ax, data[name]["f_mean"], LABELS[name], COLORS[_kind(name)],
+                      ls="-" if name.startswith("alg2") else "--")
+    ax.axhline(data["global_max"], color="k", ls="-", lw=0.8,
+               label=f"global max = {data['global_max']:g} (also sup on span(A), at |x_par| ~ 27)")
+    ax.axhline(data["best_on_span_data_radius"], color="gray", ls=":",
+               label=f"max on span(A) within |z| <= {R99:.2f}: {data['best_on_span_data_radius']:.2f}")
     ax.set_xlabel("round k")
     ax.set_ylabel("f1(x) (batch mean)")
     ax.legend(fontsize=7)
-    ax.set_title("Algorithm 1 (dashed) vs Algorithm 2 (solid)" + (" [quick]" if quick else ""))
+    ax.set_title("Algorithm 1 (dashed) vs Algorithm 2 (solid)" + _quick(data))
+    return fig
+
+
+#: ~ 99% quantile of |z|, z ~ N(0, I_16) (chi^2_16 0.99 quantile = 32.0): the data radius of gg_objective
+R99 = math.sqrt(32.0)
+
+
+@figure("gg_objective", "Gradient guidance: objective per round, Algorithm 1 vs Algorithm 2 (f1 theta_2, trained "
+        "score), with the global maximum and the best value on the subspace", draw=draw_objective)
+def fig_objective(quick: bool = False) -> dict:
+    runs = _run_all(alg_runs(quick))
+    setup = Setup()
+    f = objective("f1_theta2", setup)
+    A = basis(setup)
+    data = {name: {"f_mean": _curve_summary(res, "f_mean"), "f_top4": _curve_summary(res, "f_top4")["final_per_seed"]}
+            for name, res in runs.items()}
     data["global_max"] = f.max_value
-    data["best_on_span_data_radius"] = span_data
+    data["best_on_span_data_radius"] = f.best_on_span(A, R99)
     data["theta_par_norm"] = float((A.T @ f.theta).norm())
-    return fig, data
+    data["quick"] = quick
+    return data
 
 
-@figure("gg_convergence", "Gradient guidance: Algorithm 1 with G_loss on f1 (theta_1, theta_2) and f2 (b_1, b_2; "
-        "exact and trained score)")
-def fig_convergence(quick: bool = False):
+#: the four panels of gg_convergence: (title, runs drawn in it)
+CONVERGENCE_PANELS = [("f1_theta1", ["f1_theta1"]), ("f1_theta2", ["f1_theta2"]),
+                      ("f2_b1", ["f2_b1_exact", "f2_b1_trained"]), ("f2_b2", ["f2_b2_exact", "f2_b2_trained"])]
+
+
+def draw_convergence(data: dict):
+    """gg_convergence from its JSON (objective mean and max per round, summaries over seeds; bounds)."""
     plt = _plt()
-    runs = {k: run(c) for k, c in convergence_runs(quick).items()}
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
-    data = {}
-    panels = [("f1_theta1", ["f1_theta1"]), ("f1_theta2", ["f1_theta2"]), ("f2_b1", ["f2_b1_exact", "f2_b1_trained"]),
-              ("f2_b2", ["f2_b2_exact", "f2_b2_trained"])]
-    for ax, (title, names) in zip(axes, panels):
+    for ax, (title, names) in zip(axes, CONVERGENCE_PANELS):
         for name, color in zip(names, ("tab:blue", "tab:orange")):
-            res = runs[name]
-            _band(ax, res, "f_mean", f"{res['config'].model} score, mean", color)
-            _band(ax, res, "f_max", f"{res['config'].model} score, max", color, ls=":")
-            data[name] = {"f_mean": _curve_summary(res, "f_mean"), "f_max": _curve_summary(res, "f_max"),
-                          "roff_mean": _curve_summary(res, "roff_mean"), "bounds": res["bounds"],
-                          "delta": res["config"].delta}
-            if res["config"].model == "exact":
-                arr = np.array([res["seeds"][s]["f_max"] for s in res["config"].seeds])
-                data[name]["max_excess_over_best_on_span"] = float(arr.max() - res["bounds"]["best_on_span"])
-                data[name]["max_roff_any_round"] = float(np.max([res["seeds"][s]["roff_max"] for s in res["config"].seeds]))
-        b = runs[names[0]]["bounds"]
+            model = "exact" if name.endswith("_exact") else "trained"
+            _band_summary(ax, data[name]["f_mean"], f"{model} score, mean", color)
+            _band_summary(ax, data[name]["f_max"], f"{model} score, max", color, ls=":")
+        b = data[names[0]]["bounds"]
         ax.axhline(b["global_max"], color="k", lw=0.8, label="global max")
         if title.startswith("f2"):
             ax.axhline(b["best_on_span"], color="gray", ls="--", label="best on span(A)")
-        ax.set_title(f"{title} (delta {runs[names[0]]['config'].delta})")
+        ax.set_title(f"{title} (delta {data[names[0]]['delta']})")
         ax.set_xlabel("round k")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("objective")
-    fig.suptitle("Algorithm 1, G_loss" + (" [quick]" if quick else ""))
-    return fig, data
+    fig.suptitle("Algorithm 1, G_loss" + _quick(data))
+    return fig
+
+
+@figure("gg_convergence", "Gradient guidance: Algorithm 1 with G_loss on f1 (theta_1, theta_2) and f2 (b_1, b_2; "
+        "exact and trained score)", draw=draw_convergence)
+def fig_convergence(quick: bool = False) -> dict:
+    runs = _run_all(convergence_runs(quick))
+    data = {}
+    for name in [n for _, names in CONVERGENCE_PANELS for n in names]:
+        res = runs[name]
+        data[name] = {"f_mean": _curve_summary(res, "f_mean"), "f_max": _curve_summary(res, "f_max"),
+                      "roff_mean": _curve_summary(res, "roff_mean"), "bounds": res["bounds"],
+                      "delta": res["config"].delta}
+        if res["config"].model == "exact":
+            arr = np.array([res["seeds"][s]["f_max"] for s in res["config"].seeds])
+            data[name]["max_excess_over_best_on_span"] = float(arr.max() - res["bounds"]["best_on_span"])
+            data[name]["max_roff_any_round"] = float(np.max([res["seeds"][s]["roff_max"] for s in res["config"].seeds]))
+    data["quick"] = quick
+    return data
 
 
 def draw_sphere(data: dict):
@@ -223,7 +268,7 @@ def draw_distributions(data: dict):
 @figure("gg_distributions", "Gradient guidance: samples before and after (projections on span(A) and |x_perp|), "
         "Algorithms 1 and 2, G and G_loss (f1 theta_2)", draw=draw_distributions)
 def fig_distributions(quick: bool = False) -> dict:
-    runs = {k: run(c) for k, c in alg_runs(quick).items()}
+    runs = _run_all(alg_runs(quick))
     data = {}
     drawn = {}
     for name, res in runs.items():
