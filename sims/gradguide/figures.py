@@ -284,36 +284,19 @@ def fig_distributions(quick: bool = False) -> dict:
     return {**data, "runs": drawn, "quick": quick}
 
 
-@figure("gg_runtime", "Gradient guidance: runtime table (time to converge, per round, one unguided pass, ratios)")
-def fig_runtime(quick: bool = False):
+RUNTIME_RUNS = ("f1_theta1", "f1_theta2", "f2_b2_trained", "f2_b2_exact")
+
+
+def draw_runtime(data: dict):
+    """gg_runtime's table from its JSON."""
     plt = _plt()
-    setup = Setup()
-    rows, data = [], {}
-    conv = convergence_runs(quick)
-    n_steps = conv["f1_theta1"].n_steps
-    reps = 2 if quick else 3
-    pts = {}
-
-    def unguided(model, batch):
-        if (model, batch) not in pts:
-            pts[(model, batch)] = pass_times(setup, model, n=batch, n_steps=n_steps, repeats=reps)
-        return pts[(model, batch)]
-
-    for name in ("f1_theta1", "f1_theta2", "f2_b2_trained", "f2_b2_exact"):
-        cfg = conv[name]
-        res = run(cfg)
-        curve = np.mean([res["seeds"][s]["f_mean"] for s in cfg.seeds], axis=0)
-        k_conv = converge_round(curve)
-        tpr = res["time_per_round_s"]
-        batch = cfg.n * len(cfg.seeds)
-        t_un = unguided(cfg.model, batch)["unguided"]
-        data[name] = {"rounds_to_converge": k_conv, "time_per_round_s": tpr, "total_s": k_conv * tpr,
-                      "chains_per_round": batch, "unguided_pass_s": t_un,
-                      "ratio_total_unguided": k_conv * tpr / t_un, "ratio_round_unguided": tpr / t_un}
-        rows.append([name, cfg.model, str(batch), str(k_conv), f"{k_conv * tpr:.1f}", f"{tpr:.3f}",
-                     f"{t_un:.3f}", f"{k_conv * tpr / t_un:.0f}"])
-    pt = unguided("trained", 32)
-    data["pass_times_s"] = pt
+    rows = []
+    for name in RUNTIME_RUNS:
+        d = data[name]
+        rows.append([name, "exact" if name.endswith("_exact") else "trained", str(d["chains_per_round"]),
+                     str(d["rounds_to_converge"]), f"{d['total_s']:.1f}", f"{d['time_per_round_s']:.3f}",
+                     f"{d['unguided_pass_s']:.3f}", f"{d['ratio_total_unguided']:.0f}"])
+    pt = data["pass_times_s"]
     for kind in ("G_loss", "G"):
         rows.append([f"one {kind} pass", "trained", "32", "-", f"{pt[kind]:.3f}", "-", f"{pt['unguided']:.3f}",
                      f"{pt[kind] / pt['unguided']:.2f}"])
@@ -325,5 +308,39 @@ def fig_runtime(quick: bool = False):
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     tab.scale(1, 1.4)
-    ax.set_title(f"runtime, {n_steps} sampler steps, CPU 1 thread" + (" [quick]" if quick else ""))
-    return fig, data
+    steps = f"{data['n_steps']} sampler steps, " if "n_steps" in data else ""
+    ax.set_title(f"runtime, {steps}CPU 1 thread" + _quick(data))
+    return fig
+
+
+@figure("gg_runtime", "Gradient guidance: runtime table (time to converge, per round, one unguided pass, ratios)",
+        draw=draw_runtime)
+def fig_runtime(quick: bool = False) -> dict:
+    setup = Setup()
+    data = {}
+    conv = convergence_runs(quick)
+    n_steps = conv["f1_theta1"].n_steps
+    reps = 2 if quick else 3
+    pts = {}
+
+    def unguided(model, batch):
+        if (model, batch) not in pts:
+            pts[(model, batch)] = pass_times(setup, model, n=batch, n_steps=n_steps, repeats=reps)
+        return pts[(model, batch)]
+
+    for i, name in enumerate(RUNTIME_RUNS):
+        cfg = conv[name]
+        res = run(cfg)
+        curve = np.mean([res["seeds"][s]["f_mean"] for s in cfg.seeds], axis=0)
+        k_conv = converge_round(curve)
+        tpr = res["time_per_round_s"]
+        batch = cfg.n * len(cfg.seeds)
+        t_un = unguided(cfg.model, batch)["unguided"]
+        data[name] = {"rounds_to_converge": k_conv, "time_per_round_s": tpr, "total_s": k_conv * tpr,
+                      "chains_per_round": batch, "unguided_pass_s": t_un,
+                      "ratio_total_unguided": k_conv * tpr / t_un, "ratio_round_unguided": tpr / t_un}
+        report(i + 1, len(RUNTIME_RUNS), "run", "gradient-guidance runs")
+    data["pass_times_s"] = unguided("trained", 32)
+    data["n_steps"] = n_steps
+    data["quick"] = quick
+    return data

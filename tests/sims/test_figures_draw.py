@@ -1,5 +1,6 @@
 """The gradient-guidance figures compute their JSON numbers and draw from those numbers alone: each figure
-function runs on tiny exact-score configurations (a few rounds, no trained network) and its draw function
+function runs on tiny exact-score configurations (a few rounds, no trained network; the pass timings of
+gg_runtime are stood in for) and its draw function
 draws from the JSON round trip of what it returned."""
 import json
 
@@ -23,12 +24,14 @@ def _conv_runs(quick=False):
     return {k: RunConfig(objective=o, delta=1.0, **TINY) for k, o in pairs}
 
 
-@pytest.mark.parametrize("name", ["gg_roff", "gg_objective", "gg_convergence", "gg_distributions"])
+@pytest.mark.parametrize("name", ["gg_roff", "gg_objective", "gg_convergence", "gg_distributions", "gg_runtime"])
 def test_gradguide_figure_draws_from_its_json(name, monkeypatch):
     import matplotlib.pyplot as plt
 
     monkeypatch.setattr(F, "alg_runs", _alg_runs)
     monkeypatch.setattr(F, "convergence_runs", _conv_runs)
+    # gg_runtime also times passes of the trained network: a stand-in (no network to train in a unit test)
+    monkeypatch.setattr(F, "pass_times", lambda setup, model, n, n_steps, repeats: {"unguided": 1.0, "G": 1.4, "G_loss": 2.5})
     spec = FIGURES[name]
     data = json.loads(json.dumps(to_jsonable(spec.fn(quick=True))))
     fig = spec.draw(data)
