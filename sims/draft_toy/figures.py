@@ -26,27 +26,26 @@ def _band(ax, x, M, label, color):
         ax.fill_between(x, M.min(0), M.max(0), color=color, alpha=0.15, lw=0)
 
 
-def _mat(runs, key):
-    return np.array([[c[key] for c in r["curve"]] for r in runs], dtype=float)
+def _mat(curves, key):
+    """(seeds, evaluations) array of ``key`` from per-seed curves (lists of evaluation points)."""
+    return np.array([[c[key] for c in curve] for curve in curves], dtype=float)
 
 
-@figure("draft_toy_compare", "DRaFT toy: reward vs reward queries and wall time for DRaFT, DRaFT-K, DRaFT-LV, ReFL, DDPO")
-def fig_compare(quick: bool = False):
+def draw_compare(numbers: dict):
+    """draft_toy_compare from its JSON (the per-seed training curves of every method)."""
     import matplotlib.pyplot as plt
 
-    cfg = CompareConfig.quick() if quick else CompareConfig()
-    data = compare(cfg)
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
-    for label, runs in data["runs"].items():
+    for label, curves in numbers["curves"].items():
         c = _COLORS.get(label, None)
         ls = "--" if label == "DRaFT-50" else "-"  # the same run as DRaFT; dashed so both show
-        q = np.array([p["queries"] for p in runs[0]["curve"]], dtype=float)
-        u = np.array([p["updates"] for p in runs[0]["curve"]], dtype=float)
-        R = _mat(runs, "reward_a")
+        q = np.array([p["queries"] for p in curves[0]], dtype=float)
+        u = np.array([p["updates"] for p in curves[0]], dtype=float)
+        R = _mat(curves, "reward_a")
         _band(axes[0], q, R, label, c)
-        W = _mat(runs, "wall_time")
+        W = _mat(curves, "wall_time")
         axes[1].plot(W.mean(0), R.mean(0), label=label, color=c, ls=ls)
-        _band(axes[2], q, _mat(runs, "reward_a_threshold"), label, c)
+        _band(axes[2], q, _mat(curves, "reward_a_threshold"), label, c)
         axes[3].plot(u[1:], R.mean(0)[1:], label=label, color=c, ls=ls)  # log axis: from the 1st eval
         axes[0].lines[-1].set_linestyle(ls)
     axes[0].set(xlabel="reward queries", ylabel="reward A (eval, 50 DDIM steps)",
@@ -57,22 +56,27 @@ def fig_compare(quick: bool = False):
                 title="per optimiser update (DDPO: 4 PPO epochs per batch)")
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    numbers = {"summary_reward_a": summarise_compare(data, "reward_a"),
-               "summary_threshold": summarise_compare(data, "reward_a_threshold"),
-               "claims": claims(data),
-               "curves": {k: [r["curve"] for r in v] for k, v in data["runs"].items()},
-               "config": data["config"]}
-    return fig, numbers
+    return fig
 
 
-@figure("draft_toy_grad_k", "DRaFT toy: norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient against K")
-def fig_grad_k(quick: bool = False):
+@figure("draft_toy_compare", "DRaFT toy: reward vs reward queries and wall time for DRaFT, DRaFT-K, DRaFT-LV, ReFL, DDPO",
+        draw=draw_compare)
+def fig_compare(quick: bool = False) -> dict:
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    data = compare(cfg)
+    return {"summary_reward_a": summarise_compare(data, "reward_a"),
+            "summary_threshold": summarise_compare(data, "reward_a_threshold"),
+            "claims": claims(data),
+            "curves": {k: [r["curve"] for r in v] for k, v in data["runs"].items()},
+            "config": data["config"]}
+
+
+def draw_grad_k(d: dict):
+    """draft_toy_grad_k from its JSON (gradient norms and angles per K and repeat)."""
     import matplotlib.pyplot as plt
 
-    cfg = GradKConfig.quick() if quick else GradKConfig()
-    d = grad_vs_k(cfg)
     ks = np.array(d["ks"])
-    N, A = np.array(d["grad_norm"]), np.array(d["angle_deg"])
+    N, A = np.array(d["grad_norm"], dtype=float), np.array(d["angle_deg"], dtype=float)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     axes[0].errorbar(ks, N.mean(1), yerr=N.std(1), marker="o", capsize=3)
     axes[0].set(xscale="log", yscale="log", xlabel="K (steps back-propagated)", ylabel="|grad| (LoRA params)",
@@ -80,15 +84,22 @@ def fig_grad_k(quick: bool = False):
     axes[1].errorbar(ks, A.mean(1), yerr=A.std(1), marker="o", capsize=3)
     axes[1].set(xscale="log", xlabel="K", ylabel="angle to DRaFT-1 gradient (deg)", title="angle against K")
     fig.tight_layout()
-    return fig, {**d, "grad_norm_mean": N.mean(1), "angle_mean": A.mean(1)}
+    return fig
 
 
-@figure("draft_toy_lora", "DRaFT toy: LoRA scale sweep, sum of two adapters, LoRA on first/last steps")
-def fig_lora(quick: bool = False):
+@figure("draft_toy_grad_k", "DRaFT toy: norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient against K",
+        draw=draw_grad_k)
+def fig_grad_k(quick: bool = False) -> dict:
+    cfg = GradKConfig.quick() if quick else GradKConfig()
+    d = grad_vs_k(cfg)
+    N, A = np.array(d["grad_norm"]), np.array(d["angle_deg"])
+    return {**d, "grad_norm_mean": N.mean(1), "angle_mean": A.mean(1)}
+
+
+def draw_lora(d: dict):
+    """draft_toy_lora from its JSON (scale sweep, combined adapters with their samples, step windows)."""
     import matplotlib.pyplot as plt
 
-    cfg = LoraConfig.quick() if quick else LoraConfig()
-    d = lora_analysis(cfg)
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     s = [r["scale"] for r in d["scale"]]
     ax = axes[0]
@@ -109,7 +120,7 @@ def fig_lora(quick: bool = False):
     for n, c in zip(names, ["0.6", "C0", "C1", "C2", "C4"]):
         S = np.array(d["combine"][n]["samples"])
         ax.scatter(S[:, 0], S[:, 1], s=3, color=c, label=n, alpha=0.6)
-    ca, cb = cfg.rewards.center_a, cfg.rewards.center_b
+    ca, cb = d["config"]["rewards"]["center_a"], d["config"]["rewards"]["center_b"]
     ax.plot(*ca, "k*", ms=12)
     ax.plot(*cb, "k*", ms=12)
     ax.set(aspect="equal", title="samples (stars: optima of r_A, r_B)")
@@ -121,15 +132,18 @@ def fig_lora(quick: bool = False):
     ax.set(xlabel="m (of 50 steps)", ylabel="reward A", title="where the adapter acts")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return fig, d
+    return fig
 
 
-@figure("draft_toy_diversity", "DRaFT toy: diversity collapse over training and the effect of the KL term and DRaFT+'s eps penalty")
-def fig_diversity(quick: bool = False):
+@figure("draft_toy_lora", "DRaFT toy: LoRA scale sweep, sum of two adapters, LoRA on first/last steps", draw=draw_lora)
+def fig_lora(quick: bool = False) -> dict:
+    return lora_analysis(LoraConfig.quick() if quick else LoraConfig())
+
+
+def draw_diversity(d: dict):
+    """draft_toy_diversity from its JSON (training curves, final samples, exact optima)."""
     import matplotlib.pyplot as plt
 
-    cfg = DiversityConfig.quick() if quick else DiversityConfig()
-    d = diversity(cfg)
     fig, axes = plt.subplots(1, 5, figsize=(22, 4))
     for i, (label, run) in enumerate(d["runs"].items()):
         q = [c["queries"] for c in run["curve"]]
@@ -150,4 +164,10 @@ def fig_diversity(quick: bool = False):
     axes[4].set_aspect("equal")
     axes[0].legend(fontsize=8, title="dotted: exact optimum of lam", title_fontsize=7)
     fig.tight_layout()
-    return fig, d
+    return fig
+
+
+@figure("draft_toy_diversity", "DRaFT toy: diversity collapse over training and the effect of the KL term and DRaFT+'s eps penalty",
+        draw=draw_diversity)
+def fig_diversity(quick: bool = False) -> dict:
+    return diversity(DiversityConfig.quick() if quick else DiversityConfig())
