@@ -109,33 +109,44 @@ def fig_table(quick: bool = False) -> dict:
     return dict(results=out, config=cfg)
 
 
-@figure("ctrl_toy_efficiency", "CTRL toy: KL to the exact target vs offline data size, CTRL vs classifier-free guidance")
-def fig_efficiency(quick: bool = False):
+def draw_efficiency(d: dict):
+    """ctrl_toy_efficiency from its JSON (KL and accuracy against the offline size: mean, min..max over seeds)."""
     import matplotlib.pyplot as plt
 
-    cfg = EfficiencyConfig.quick() if quick else EfficiencyConfig()
-    res = efficiency(cfg)
-    sizes = res["sizes"]
+    sizes, summ = d["sizes"], d["summary"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    summary = {}
     for key, label, col in (("ctrl", "CTRL", "C0"), ("cfg", "CFG", "C3")):
         for ax, metric in zip(axes, ("kl", "acc")):
-            M = np.array([[r[f"{key}_{metric}"] for r in res["rows"] if r["size"] == s] for s in sizes])
-            ax.plot(sizes, M.mean(1), "o-", color=col, label=label)
-            ax.fill_between(sizes, M.min(1), M.max(1), color=col, alpha=0.2, lw=0)
-            summary[f"{key}_{metric}_mean"] = M.mean(1).tolist()
-            summary[f"{key}_{metric}_min"] = M.min(1).tolist()
-            summary[f"{key}_{metric}_max"] = M.max(1).tolist()
-    axes[0].axhline(res["kl_floor"], color="k", ls=":", label="exact samples (floor)")
+            ax.plot(sizes, summ[f"{key}_{metric}_mean"], "o-", color=col, label=label)
+            ax.fill_between(sizes, summ[f"{key}_{metric}_min"], summ[f"{key}_{metric}_max"], color=col, alpha=0.2, lw=0)
+    axes[0].axhline(d["kl_floor"], color="k", ls=":", label="exact samples (floor)")
     axes[0].set_ylabel("KL(samples || exact target), grid histogram")
     axes[1].set_ylabel("accuracy under true p(y|x)")
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("offline pairs")
         ax.legend()
-    fig.suptitle(f"label {res['label']}, gamma={res['gamma']}, seeds {res['seeds']} (band: min..max)")
+    what = f"label {d['label']}, gamma={d['gamma']}, " if "label" in d else ""
+    fig.suptitle(f"{what}seeds {d['config']['seeds']} (band: min..max)")
     fig.tight_layout()
-    return fig, dict(summary=summary, sizes=sizes, kl_floor=res["kl_floor"], rows=_strip(res["rows"]), config=cfg)
+    return fig
+
+
+@figure("ctrl_toy_efficiency", "CTRL toy: KL to the exact target vs offline data size, CTRL vs classifier-free guidance",
+        draw=draw_efficiency)
+def fig_efficiency(quick: bool = False) -> dict:
+    cfg = EfficiencyConfig.quick() if quick else EfficiencyConfig()
+    res = efficiency(cfg)
+    sizes = res["sizes"]
+    summary = {}
+    for key in ("ctrl", "cfg"):
+        for metric in ("kl", "acc"):
+            M = np.array([[r[f"{key}_{metric}"] for r in res["rows"] if r["size"] == s] for s in sizes])
+            summary[f"{key}_{metric}_mean"] = M.mean(1).tolist()
+            summary[f"{key}_{metric}_min"] = M.min(1).tolist()
+            summary[f"{key}_{metric}_max"] = M.max(1).tolist()
+    return dict(summary=summary, sizes=sizes, kl_floor=res["kl_floor"], rows=_strip(res["rows"]), config=cfg,
+                label=res["label"], gamma=res["gamma"])
 
 
 @figure("ctrl_toy_gamma", "CTRL toy: gamma sweep, trained at one gamma and rescaled at inference (appendix B)")
