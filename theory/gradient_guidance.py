@@ -1,4 +1,4 @@
-"""Gradient guidance as optimisation (Guo et al., NeurIPS 2024; GRADIENT_GUIDANCE.md, THEORY.md 7).
+"""Gradient guidance as optimisation (Guo et al., NeurIPS 2024; docs/theory.md §7).
 
 Two guidance fields, both ``(x, t, eps) -> tensor`` ADDED TO THE SCORE (the protocol of
 :func:`theory.solvers.sample`), for a per-sample linear target ``y`` along a gradient ``g``:
@@ -7,9 +7,9 @@ Two guidance fields, both ``(x, t, eps) -> tensor`` ADDED TO THE SCORE (the prot
     look-ahead:    G_loss = -beta_t grad_{x_t} (y - g.x0_hat(x_t))^2,
                    beta_t = (alpha_t^2 / 2) / (alpha_t^2 sigma_y^2 + h_t |grad_{x_t}(g.x0_hat)|^2)
 
-with Tweedie's ``x0_hat = (x_t + h_t score) / alpha_t`` and ``h_t = sigma_t^2`` (GRADIENT_GUIDANCE.md,
-"Guidance fields"). G uses x0_hat without back-propagation; G_loss costs ONE vector-Jacobian product
-through the score model per step (and one forward pass with a graph).
+with Tweedie's ``x0_hat = (x_t + h_t score) / alpha_t`` and ``h_t = sigma_t^2`` (docs/theory.md §2, §7).
+G uses x0_hat without back-propagation; G_loss costs ONE vector-Jacobian product through the score model
+per step, on the solver's own forward pass (``gradient_guidance``).
 
 Algorithm 1 (guided diffusion as an optimiser) and Algorithm 2 (the same with score fine-tuning on the
 previous round's samples) are :func:`optimize`; :func:`algorithm1` / :func:`algorithm2` name the two.
@@ -28,10 +28,11 @@ import torch
 from .nets import dsm_loss
 from .param import eps_to_x0
 from .schedules import DiscreteVP, NoiseSchedule, append_dims
-from .solvers import sample
+from .solvers import differentiable_eps, is_stochastic, sample
 
 __all__ = [
     "GUIDANCES",
+    "gradient_guidance",
     "naive_guidance",
     "lookahead_guidance",
     "make_guidance",
@@ -39,7 +40,9 @@ __all__ = [
     "objective_and_grad",
     "FineTune",
     "OptimResult",
+    "Run",
     "optimize",
+    "optimize_batched",
     "algorithm1",
     "algorithm2",
     "default_grid",
@@ -48,7 +51,7 @@ __all__ = [
 GUIDANCES = ("G", "G_loss")
 
 
-def _check_target(g: torch.Tensor, y: torch.Tensor, sigma_y: float):
+def _check_target(g: torch.Tensor, y: torch.Tensor, sigma_y):
     if g.ndim != 2:
         raise ValueError(f"g: expected per-sample gradients of shape (B, D), got {tuple(g.shape)}")
     y = torch.as_tensor(y, dtype=g.dtype, device=g.device)
@@ -56,7 +59,11 @@ def _check_target(g: torch.Tensor, y: torch.Tensor, sigma_y: float):
         y = y.expand(g.shape[0])
     if y.shape != (g.shape[0],):
         raise ValueError(f"y: expected one target per sample, shape ({g.shape[0]},), got {tuple(y.shape)}")
-    if not sigma_y > 0:
+    if torch.is_tensor(sigma_y):
+        if sigma_y.shape not in ((), (g.shape[0],)) or not bool((sigma_y > 0).all()):
+            raise ValueError(f"sigma_y: the reward-noise levels must be > 0, one number or one per sample "
+                             f"({g.shape[0]},), got shape {tuple(sigma_y.shape)}")
+    elif not sigma_y > 0:
         raise ValueError(f"sigma_y: the reward-noise level must be > 0, got {sigma_y}")
     if not bool(torch.isfinite(g).all()) or not bool(torch.isfinite(y).all()):
         raise ValueError("g, y: gradient and target must be finite (check the objective's gradient)")
@@ -69,51 +76,88 @@ def _check_batch(x: torch.Tensor, g: torch.Tensor) -> None:
                          f"{tuple(g.shape)}; build the guidance for this batch (same B and D)")
 
 
-def naive_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y: float = 0.1) -> Callable:
-    """The naive gradient guidance G (GRADIENT_GUIDANCE.md): G = beta_t (y - g.x0_hat) g,
-    beta_t = alpha_t / (sigma_y^2 + h_t |g|^2), x0_hat from the eps the solver passes (no back-prop)."""
+def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, lookahead=False, model=None,
+                      cond=None) -> Callable:
+    """G and G_loss (docs/theory.md §7) as one guidance field for the targets (g, y), chain by chain:
+
+        G       = beta_t (y - g.x0_hat) g,                  beta_t = alpha_t / (sigma_y^2 + h_t |g|^2)
+        G_loss  = 2 beta_t (y - g.x0_hat) J,  J = grad_{x_t}(g.x0_hat),
+                  beta_t = (alpha_t^2 / 2) / (alpha_t^2 sigma_y^2 + h_t |J|^2)   (= -beta_t grad (y - g.x0_hat)^2)
+
+    with x0_hat = (x_t - sigma_t eps) / alpha_t (Tweedie, docs/theory.md §2) and h_t = sigma_t^2.
+    ``lookahead``: False (G), True (G_loss) or a (B,) bool tensor choosing per chain, so that chains of
+    both kinds share one network call per step; ``sigma_y``: a number or one per chain (B,).
+
+    J is ONE vector-Jacobian product through ``model`` (samples are independent, so the gradient of the
+    batch sum is every sample's own gradient). The field names ``model`` as its ``eps_model``: inside
+    ``theory.solvers.sample`` it is handed the eps the solver computed, with its graph from x, so a G_loss
+    step costs one forward pass and one VJP. Called with a detached eps (or by hand) it evaluates the
+    model itself (a second forward pass). It takes the solver's precomputed schedule coefficients
+    (``accepts_at``) and falls back to the schedule off the solver."""
     g, y = _check_target(g, y, sigma_y)
+    look = torch.as_tensor(lookahead, dtype=torch.bool, device=g.device)
+    if look.shape not in ((), (g.shape[0],)):
+        raise ValueError(f"lookahead: one bool or one per chain ({g.shape[0]},), got shape {tuple(look.shape)}")
+    any_look, all_look = bool(look.any()), bool(look.all())
+    if any_look and model is None:
+        raise ValueError("model: G_loss differentiates the eps model; pass it")
+    mixed = look.reshape(-1, 1) if any_look and not all_look else None
+    per_dtype = {}
 
-    def field(x, t, eps):
+    def targets(dt):
+        """g, |g|^2, y, sigma_y^2 in the working dtype, cast once (the field is built in the objective's dtype)."""
+        if dt not in per_dtype:
+            gg = g.to(dt)
+            s2 = sigma_y**2 if not torch.is_tensor(sigma_y) else (sigma_y.to(torch.float64) ** 2).to(dt)
+            per_dtype[dt] = (gg, (gg * gg).sum(-1), y.to(dt), s2)
+        return per_dtype[dt]
+
+    def field(x, t, eps, at=None):
         _check_batch(x, g)
-        a = schedule.alpha(t).to(x.dtype)
-        h = schedule.sigma2(t).to(x.dtype)
-        gg = g.to(x.dtype)
-        x0 = eps_to_x0(x, eps.detach(), a, h.sqrt())
-        resid = y.to(x.dtype) - (gg * x0).sum(-1)
-        beta = a / (sigma_y**2 + h * (gg * gg).sum(-1))
-        return append_dims(beta * resid, x) * gg
+        if at is not None:
+            a, h, sig = at.alpha, at.sigma2, at.sigma
+        else:
+            a, h = schedule.alpha(t).to(x.dtype), schedule.sigma2(t).to(x.dtype)
+            sig = h.sqrt()
+        gg, gsq, yy, s2 = targets(x.dtype)
+        if not any_look:  # G: x0_hat without back-propagation
+            x0 = eps_to_x0(x, eps.detach(), a, sig)
+            resid = yy - (gg * x0).sum(-1)
+            beta = a / (s2 + h * gsq)
+            return append_dims(beta * resid, x) * gg
+        with torch.enable_grad():
+            xg, e, retain = differentiable_eps(model, x, t, cond, eps)
+            x0 = eps_to_x0(xg, e, a, sig)
+            u = (gg * x0).sum(-1)  # g . x0_hat, (B,)
+            (J,) = torch.autograd.grad(u.sum(), xg, retain_graph=retain)  # the one VJP: grad_x (g . x0_hat)
+        u, J = u.detach(), J.detach()
+        resid = yy - u
+        beta = (a**2 / 2) / (a**2 * s2 + h * (J * J).sum(-1))
+        out = append_dims(2 * beta * resid, x) * J
+        if mixed is None:
+            return out
+        beta_g = a / (s2 + h * gsq)
+        return torch.where(mixed, out, append_dims(beta_g * resid, x) * gg)
 
-    field.kind = "G"
+    field.kind = "G_loss" if all_look else ("G" if not any_look else "G+G_loss")
+    field.accepts_at = True
+    field.eps_model = model if any_look else None
     return field
+
+
+def naive_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y: float = 0.1) -> Callable:
+    """The naive gradient guidance G (docs/theory.md §7): G = beta_t (y - g.x0_hat) g,
+    beta_t = alpha_t / (sigma_y^2 + h_t |g|^2), x0_hat from the eps the solver passes (no back-prop)."""
+    return gradient_guidance(schedule, g, y, sigma_y, lookahead=False)
 
 
 def lookahead_guidance(model, schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y: float = 0.1,
                        cond=None) -> Callable:
-    """The look-ahead guidance G_loss (GRADIENT_GUIDANCE.md, the paper's eq. for G_loss):
+    """The look-ahead guidance G_loss (docs/theory.md §7, the paper's eq. for G_loss):
     G_loss = -beta_t grad_{x_t} (y - g.x0_hat(x_t))^2 = 2 beta_t (y - g.x0_hat) grad_{x_t}(g.x0_hat),
-    beta_t = (alpha_t^2/2) / (alpha_t^2 sigma_y^2 + h_t |grad_{x_t}(g.x0_hat)|^2) per sample.
-    grad_{x_t}(g.x0_hat) is ONE vector-Jacobian product through the model (samples are independent, so
-    the gradient of the batch sum is every sample's own gradient)."""
-    g, y = _check_target(g, y, sigma_y)
-
-    def field(x, t, eps):
-        _check_batch(x, g)
-        a = schedule.alpha(t).to(x.dtype)
-        h = schedule.sigma2(t).to(x.dtype)
-        gg = g.to(x.dtype)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            x0 = eps_to_x0(xg, model(xg, t, cond), a, h.sqrt())
-            u = (gg * x0).sum(-1)  # g . x0_hat, (B,)
-            (J,) = torch.autograd.grad(u.sum(), xg)  # the one VJP: grad_x (g . x0_hat) per sample
-        u, J = u.detach(), J.detach()
-        resid = y.to(x.dtype) - u
-        beta = (a**2 / 2) / (a**2 * sigma_y**2 + h * (J * J).sum(-1))
-        return append_dims(2 * beta * resid, x) * J
-
-    field.kind = "G_loss"
-    return field
+    beta_t = (alpha_t^2/2) / (alpha_t^2 sigma_y^2 + h_t |grad_{x_t}(g.x0_hat)|^2) per sample; one VJP
+    through ``model`` and, inside ``sample``, no forward pass of its own (see ``gradient_guidance``)."""
+    return gradient_guidance(schedule, g, y, sigma_y, lookahead=True, model=model, cond=cond)
 
 
 def make_guidance(kind: str, model, schedule: NoiseSchedule, g, y, sigma_y: float = 0.1, cond=None):
@@ -126,7 +170,7 @@ def make_guidance(kind: str, model, schedule: NoiseSchedule, g, y, sigma_y: floa
 
 
 def r_off(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Off-support ratio per sample (GRADIENT_GUIDANCE.md, THEORY.md 5):
+    """Off-support ratio per sample (docs/theory.md §5, §7):
     r_off = |x_perp| / (|x_par| + 1e-8), x_par = A A^T x, x_perp = x - x_par. Shape (B,)."""
     A = torch.as_tensor(A, dtype=x.dtype, device=x.device)
     if x.ndim != 2 or A.ndim != 2 or x.shape[1] != A.shape[0]:
@@ -165,7 +209,7 @@ def objective_and_grad(objective: Callable, x: torch.Tensor):
 
 @dataclass(frozen=True)
 class FineTune:
-    """Algorithm 2's score fine-tuning (GRADIENT_GUIDANCE.md): from round ``start`` on, before sampling,
+    """Algorithm 2's score fine-tuning (docs/theory.md §7): from round ``start`` on, before sampling,
     take ``steps`` Adam(``betas``) steps of lr ``lr`` on the denoising score-matching loss
     (``theory.nets.dsm_loss``) of the previous round's samples, t ~ U[t_min, T]. Sample weights come from
     ``weights(x, f) -> (B,)`` (normalised here); None = uniform, as the authors' code (no replay)."""
@@ -230,6 +274,136 @@ def _dtype_of(model) -> torch.dtype:
     return torch.get_default_dtype()
 
 
+@dataclass(frozen=True)
+class Run:
+    """One configuration of Algorithm 1 in :func:`optimize_batched`: ``n`` chains guided by ``guidance``
+    ('G' or 'G_loss') with per-round increase ``delta`` and reward-noise level ``sigma_y``, their
+    randomness from ``torch.Generator().manual_seed(seed)`` (so each run reproduces
+    ``optimize(..., generator=torch.Generator().manual_seed(seed))``)."""
+
+    guidance: str = "G_loss"
+    delta: float = 0.1
+    sigma_y: float = 0.1
+    seed: int = 0
+    n: int = 32
+
+    def __post_init__(self):
+        if self.guidance not in GUIDANCES:
+            raise ValueError(f"guidance: unknown kind {self.guidance!r}, use one of {GUIDANCES}")
+        if not (isinstance(self.delta, (int, float)) and math.isfinite(self.delta) and self.delta > 0):
+            raise ValueError(f"delta: the per-round increase must be a finite number > 0, got {self.delta}")
+        if not self.sigma_y > 0:
+            raise ValueError(f"sigma_y: the reward-noise level must be > 0, got {self.sigma_y}")
+        if not (isinstance(self.n, int) and self.n >= 1):
+            raise ValueError(f"n: the number of chains must be an int >= 1, got {self.n!r}")
+
+
+def _dim_of(model, objective, dim):
+    dim = dim if dim is not None else getattr(model, "dim", None)
+    if dim is None:
+        raise ValueError("dim: the model does not say its dimension; pass dim=D")
+    odim = getattr(objective, "dim", None)
+    if odim is not None and int(odim) != int(dim):
+        raise ValueError(f"objective: defined on dimension {odim} but the data (model) have dimension {dim}; "
+                         "build the objective for the data's dimension")
+    return dim
+
+
+def _same_or_per_chain(values, sizes, dtype):
+    """One number if every run has the same, else one per chain (B,)."""
+    if len(set(values)) == 1:
+        return values[0]
+    return torch.cat([torch.full((n,), float(v), dtype=dtype) for v, n in zip(values, sizes)])
+
+
+def _finetune_round(model, opt, finetune: FineTune, schedule, x, f, cond, gen):
+    """Algorithm 2's score fine-tuning on the previous round's samples (docs/theory.md §7)."""
+    n = x.shape[0]
+    model.train()
+    w = None
+    if finetune.weights is not None:
+        w = torch.as_tensor(finetune.weights(x, f), dtype=x.dtype).reshape(-1)
+        if w.shape != (n,) or (w < 0).any() or not float(w.sum()) > 0:
+            raise ValueError(f"weights: must return ({n},) non-negative weights with a positive sum")
+        w = w / w.sum()
+    t_min = finetune.t_min if finetune.t_min is not None else (
+        1.0 if isinstance(schedule, DiscreteVP) else 1e-3 * schedule.T)
+    for _ in range(finetune.steps):
+        tt = t_min + (schedule.T - t_min) * torch.rand(n, generator=gen, dtype=x.dtype)
+        if w is None:
+            loss = dsm_loss(model, schedule, x, tt, cond, gen)
+        else:  # weighted DSM: sum_i w_i |eps_theta(x_t,i) - eps_i|^2 (the paper's weighted samples)
+            loss = sum(w[i] * dsm_loss(model, schedule, x[i:i + 1], tt[i:i + 1], cond, gen) for i in range(n))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _iterate(model, schedule, objective, runs, gens, *, dim, rounds, ts, method, metrics, keep_rounds, cond, dtype,
+             finetune=None):
+    """The loop of Algorithms 1 and 2 (docs/theory.md §7) for one or more runs sharing ``model``: every
+    round samples all runs' chains in one ``sample`` call (one network call per step), each run's x_T and
+    noise drawn from its own generator in the order a run alone would draw them."""
+    sizes = [r.n for r in runs]
+    bounds = [sum(sizes[:j]) for j in range(len(runs) + 1)]
+    ts = default_grid(schedule) if ts is None else ts
+    n_steps = torch.as_tensor(ts).numel() - 1
+    stochastic = is_stochastic(method)
+    delta = _same_or_per_chain([r.delta for r in runs], sizes, dtype)
+    sigma_y = _same_or_per_chain([r.sigma_y for r in runs], sizes, torch.float64)  # squared in float64, as a number is
+    kinds = [r.guidance for r in runs]
+    lookahead = kinds[0] == "G_loss" if len(set(kinds)) == 1 else torch.cat(
+        [torch.full((r.n,), r.guidance == "G_loss") for r in runs])
+    opt = None
+    if finetune is not None:
+        if not any(True for _ in getattr(model, "parameters", lambda: [])()):
+            raise ValueError("finetune: Algorithm 2 needs a model with trainable parameters (a network, "
+                             "not the exact score)")
+        if len(runs) != 1:
+            raise ValueError("finetune: Algorithm 2 fine-tunes one model copy per run; run them one at a time")
+        model = copy.deepcopy(model)
+        opt = torch.optim.Adam(model.parameters(), lr=finetune.lr, betas=tuple(finetune.betas))
+
+    def draw(field):
+        xT, noise = [], []
+        for r, gen in zip(runs, gens):
+            xT.append(torch.randn(r.n, dim, dtype=dtype, generator=gen))
+            if stochastic:
+                noise.append(torch.stack([torch.randn(r.n, dim, dtype=dtype, generator=gen) for _ in range(n_steps)]))
+        with torch.no_grad():
+            return sample(model, schedule, torch.cat(xT), ts, method=method, cond=cond, guidance=field,
+                          noise=torch.cat(noise, dim=1) if stochastic else None).x0
+
+    values, mets, kept, times = [[] for _ in runs], [[] for _ in runs], [{} for _ in runs], []
+
+    def record(k, x, f):
+        for j in range(len(runs)):
+            xj, fj = x[bounds[j]:bounds[j + 1]], f[bounds[j]:bounds[j + 1]]
+            values[j].append(fj)
+            mets[j].append(metrics(xj, fj) if metrics is not None else {})
+            if k in keep_rounds:
+                kept[j][k] = xj.clone()
+
+    t0 = time.perf_counter()
+    x = draw(None)
+    f, g = objective_and_grad(objective, x)
+    times.append(time.perf_counter() - t0)
+    record(0, x, f)
+    for k in range(rounds):
+        t0 = time.perf_counter()
+        if finetune is not None and k >= finetune.start:
+            _finetune_round(model, opt, finetune, schedule, x, f, cond, gens[0])
+        y = (g * x).sum(-1) + delta
+        field = gradient_guidance(schedule, g, y, sigma_y, lookahead=lookahead, model=model, cond=cond)
+        x = draw(field)
+        f, g = objective_and_grad(objective, x)
+        times.append(time.perf_counter() - t0)
+        record(k + 1, x, f)
+    return [OptimResult(values=values[j], metrics=mets[j], x=x[bounds[j]:bounds[j + 1]], samples=kept[j],
+                        round_times=list(times), model=model) for j in range(len(runs))]
+
+
 def optimize(
     model,
     schedule: NoiseSchedule,
@@ -250,12 +424,13 @@ def optimize(
     cond=None,
     dtype: Optional[torch.dtype] = None,
 ) -> OptimResult:
-    """Algorithm 1 of the paper (``finetune=None``), Algorithm 2 with a :class:`FineTune`.
+    """Algorithm 1 of the paper (``finetune=None``), Algorithm 2 with a :class:`FineTune` (docs/theory.md §7).
 
     B = ``n`` independent chains: x_0 = unguided samples; for k = 0..K-1: g_k = grad f(x_k),
     y_k = g_k.x_k + delta, x_{k+1} = a sample of the model guided by G or G_loss toward (g_k, y_k).
     ``delta`` is the expected increase of the reward per round (> 0). Every pass is
-    ``theory.solvers.sample(model, schedule, x_T, ts, method, guidance=...)``.
+    ``theory.solvers.sample(model, schedule, x_T, ts, method, guidance=...)``. Several configurations
+    sharing a model: :func:`optimize_batched`.
     """
     if guidance not in GUIDANCES:
         raise ValueError(f"guidance: unknown kind {guidance!r}, use one of {GUIDANCES}")
@@ -263,73 +438,30 @@ def optimize(
         raise ValueError(f"delta: the per-round increase must be a finite number > 0, got {delta}")
     if rounds < 0 or n < 1:
         raise ValueError(f"rounds, n: need rounds >= 0 and n >= 1, got {rounds}, {n}")
-    dim = dim if dim is not None else getattr(model, "dim", None)
-    if dim is None:
-        raise ValueError("dim: the model does not say its dimension; pass dim=D")
-    odim = getattr(objective, "dim", None)
-    if odim is not None and int(odim) != int(dim):
-        raise ValueError(f"objective: defined on dimension {odim} but the data (model) have dimension {dim}; "
-                         "build the objective for the data's dimension")
-    dtype = dtype or _dtype_of(model)
-    ts = default_grid(schedule) if ts is None else ts
+    run = Run(guidance=guidance, delta=delta, sigma_y=sigma_y, n=n)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    return _iterate(model, schedule, objective, [run], [gen], dim=_dim_of(model, objective, dim), rounds=rounds,
+                    ts=ts, method=method, metrics=metrics, keep_rounds=keep_rounds, cond=cond,
+                    dtype=dtype or _dtype_of(model), finetune=finetune)[0]
 
-    opt = None
-    if finetune is not None:
-        if not any(True for _ in getattr(model, "parameters", lambda: [])()):
-            raise ValueError("finetune: Algorithm 2 needs a model with trainable parameters (a network, "
-                             "not the exact score)")
-        model = copy.deepcopy(model)
-        opt = torch.optim.Adam(model.parameters(), lr=finetune.lr, betas=tuple(finetune.betas))
 
-    def draw(field):
-        xT = torch.randn(n, dim, dtype=dtype, generator=gen)
-        with torch.no_grad():
-            return sample(model, schedule, xT, ts, method=method, cond=cond, guidance=field, generator=gen).x0
-
-    t0 = time.perf_counter()
-    x = draw(None)
-    values, mets, kept, times = [], [], {}, []
-    f, g = objective_and_grad(objective, x)
-    times.append(time.perf_counter() - t0)
-
-    def record(k, x, f):
-        values.append(f)
-        mets.append(metrics(x, f) if metrics is not None else {})
-        if k in keep_rounds:
-            kept[k] = x.clone()
-
-    record(0, x, f)
-    for k in range(rounds):
-        t0 = time.perf_counter()
-        if finetune is not None and k >= finetune.start:
-            model.train()
-            w = None
-            if finetune.weights is not None:
-                w = torch.as_tensor(finetune.weights(x, f), dtype=x.dtype).reshape(-1)
-                if w.shape != (n,) or (w < 0).any() or not float(w.sum()) > 0:
-                    raise ValueError(f"weights: must return ({n},) non-negative weights with a positive sum")
-                w = w / w.sum()
-            t_min = finetune.t_min if finetune.t_min is not None else (
-                1.0 if isinstance(schedule, DiscreteVP) else 1e-3 * schedule.T)
-            for _ in range(finetune.steps):
-                tt = t_min + (schedule.T - t_min) * torch.rand(n, generator=gen, dtype=x.dtype)
-                if w is None:
-                    loss = dsm_loss(model, schedule, x, tt, cond, gen)
-                else:  # weighted DSM: sum_i w_i |eps_theta(x_t,i) - eps_i|^2 (the paper's weighted samples)
-                    loss = sum(w[i] * dsm_loss(model, schedule, x[i:i + 1], tt[i:i + 1], cond, gen)
-                               for i in range(n))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            model.eval()
-        y = (g * x).sum(-1) + delta
-        field = make_guidance(guidance, model, schedule, g, y, sigma_y, cond)
-        x = draw(field)
-        f, g = objective_and_grad(objective, x)
-        times.append(time.perf_counter() - t0)
-        record(k + 1, x, f)
-    return OptimResult(values=values, metrics=mets, x=x, samples=kept, round_times=times, model=model)
+def optimize_batched(model, schedule: NoiseSchedule, objective: Callable, runs: Sequence[Run], *,
+                     dim: Optional[int] = None, rounds: int = 100, ts=None, method: str = "ddpm",
+                     metrics: Optional[Callable] = None, keep_rounds: Sequence[int] = (), cond=None,
+                     dtype: Optional[torch.dtype] = None) -> list:
+    """Algorithm 1 for several configurations sharing one model (G and G_loss, several deltas, sigma_y,
+    seeds: a list of :class:`Run`), all chains in ONE network call per step (docs/theory.md §7). Returns
+    one :class:`OptimResult` per run, equal to what ``optimize`` gives for that run alone up to the
+    round-off of a larger batch; ``round_times`` are the batch's. ``metrics(x, f)`` is called per run."""
+    runs = list(runs)
+    if not runs or not all(isinstance(r, Run) for r in runs):
+        raise ValueError("runs: give a non-empty list of gradient_guidance.Run")
+    if rounds < 0:
+        raise ValueError(f"rounds: need rounds >= 0, got {rounds}")
+    gens = [torch.Generator().manual_seed(int(r.seed)) for r in runs]
+    return _iterate(model, schedule, objective, runs, gens, dim=_dim_of(model, objective, dim), rounds=rounds,
+                    ts=ts, method=method, metrics=metrics, keep_rounds=keep_rounds, cond=cond,
+                    dtype=dtype or _dtype_of(model))
 
 
 def algorithm1(model, schedule, objective, **kw) -> OptimResult:

@@ -16,6 +16,7 @@ import torch
 
 from .param import eps_to_x0
 from .schedules import NoiseSchedule, as_time
+from .solvers import differentiable_eps
 
 __all__ = ["classifier_guidance", "dps_guidance", "cfg_combine", "CFGEps", "sum_fields", "check_labels"]
 
@@ -68,7 +69,9 @@ def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Uni
     g = zeta_t * grad_{x_t} log p(y | x0_hat(x_t, t)),  x0_hat = (x_t - sigma eps(x_t, t)) / alpha.
 
     ``log_lik(x0, y) -> (B,)`` is the clean-data label log-likelihood (e.g. a clean classifier's
-    log p_phi(y | x0)); the gradient goes through the model's eps (one vector-Jacobian product).
+    log p_phi(y | x0)); the gradient goes through the model's eps (one vector-Jacobian product). Inside
+    ``theory.solvers.sample`` with the same ``model`` the field differentiates the solver's own eps (its
+    ``eps_model``; see ``solvers.guided_eps``), so a step runs the network once.
     ``zeta`` is a number or a function ``zeta(t) -> (B,)``."""
     if not callable(zeta) and not zeta > 0:
         raise ValueError(f"zeta: the DPS strength must be > 0, got {zeta}")
@@ -77,23 +80,33 @@ def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Uni
         t = as_time(t, x)
         a, s = schedule.alpha(t).to(x.dtype), schedule.sigma(t).to(x.dtype)
         with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            x0 = eps_to_x0(xg, model(xg, t, cond), a, s)
+            xg, e, retain = differentiable_eps(model, x, t, cond, eps)
+            x0 = eps_to_x0(xg, e, a, s)
             ll = log_lik(x0, y)
             if ll.shape != (x.shape[0],):
                 raise ValueError(f"log_lik: returned shape {tuple(ll.shape)}, expected ({x.shape[0]},)")
-            (grad,) = torch.autograd.grad(ll.sum(), xg)
+            (grad,) = torch.autograd.grad(ll.sum(), xg, retain_graph=retain)
         z = zeta(t) if callable(zeta) else torch.full_like(t, float(zeta))
         return z.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1)) * grad.detach()
 
     field.kind = "dps"
+    field.eps_model = model  # inside ``sample``: one forward pass, the VJP on the solver's own eps
     return field
 
 
-def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, w) -> torch.Tensor:
+def cfg_combine(eps_uncond: torch.Tensor, eps_cond, w) -> torch.Tensor:
     """The classifier-free guidance mix (Ho & Salimans 2022, eq. 6; docs/theory.md §6), the only place it is
-    written: eps_w = eps_uncond + w (eps_cond - eps_uncond). w = 1 gives eps_cond, w = 0 eps_uncond."""
-    return eps_uncond + w * (eps_cond - eps_uncond)
+    written: eps_w = eps_uncond + w (eps_cond - eps_uncond). w = 1 gives eps_cond, w = 0 eps_uncond.
+    Several conditions (``eps_cond`` and ``w`` sequences of equal length, CTRL appendix B):
+    eps_uncond + sum_i w_i (eps_cond_i - eps_uncond)."""
+    if not isinstance(eps_cond, (list, tuple)):
+        return eps_uncond + w * (eps_cond - eps_uncond)
+    if len(eps_cond) != len(w):
+        raise ValueError(f"w: one weight per condition, got {len(w)} weights for {len(eps_cond)} conditions")
+    out = eps_uncond
+    for e, wi in zip(eps_cond, w):
+        out = out + wi * (e - eps_uncond)
+    return out
 
 
 class CFGEps(torch.nn.Module):
@@ -121,12 +134,12 @@ class CFGEps(torch.nn.Module):
                 raise ValueError(f"cond: expected ({x.shape[0]}, {len(self.w)}) labels, one column per weight, "
                                  f"got {tuple(c.shape)}")
             null = torch.full_like(c, self.null)
-            e_null = out = self.model(x, t, null)
-            for i, w in enumerate(self.w):
+            e_cond = []
+            for i in range(len(self.w)):
                 only = null.clone()
                 only[:, i] = c[:, i]
-                out = out + w * (self.model(x, t, only) - e_null)
-            return out
+                e_cond.append(self.model(x, t, only))
+            return cfg_combine(self.model(x, t, null), e_cond, self.w)
         null = torch.full((x.shape[0],), self.null, dtype=torch.long, device=x.device)
         e_null = self.model(x, t, null)
         if self.w == 0.0:
@@ -141,11 +154,18 @@ def sum_fields(*fields: Field) -> Field:
     if not fs:
         raise ValueError("fields: give at least one guidance field")
 
-    def field(x, t, eps):
-        out = fs[0](x, t, eps)
+    def call(f, x, t, eps, at):
+        return f(x, t, eps, at=at) if at is not None and getattr(f, "accepts_at", False) else f(x, t, eps)
+
+    def field(x, t, eps, at=None):
+        out = call(fs[0], x, t, eps, at)
         for f in fs[1:]:
-            out = out + f(x, t, eps)
+            out = out + call(f, x, t, eps, at)
         return out
 
+    # the fields that differentiate a network share the solver's forward pass when they name the same one
+    models = {id(m): m for m in (getattr(f, "eps_model", None) for f in fs) if m is not None}
+    field.eps_model = next(iter(models.values())) if len(models) == 1 else None
+    field.accepts_at = True
     field.kind = "+".join(getattr(f, "kind", "field") for f in fs)
     return field

@@ -1,4 +1,4 @@
-"""Conversions between the parameterisations of a denoiser (THEORY.md section 2), written once.
+"""Conversions between the parameterisations of a denoiser (docs/theory.md §2), written once.
 
     score(x, t)  = -eps(x, t) / sigma(t)                       (eps-prediction, as diffusers)
     x0_hat(x, t) = (x + sigma^2 score) / alpha = (x - sigma eps) / alpha     (Tweedie)
@@ -22,7 +22,7 @@ __all__ = [
 
 
 def eps_to_score(eps: torch.Tensor, sigma) -> torch.Tensor:
-    """score = -eps / sigma (THEORY.md 2)."""
+    """score = -eps / sigma (docs/theory.md §2)."""
     return -eps / append_dims(sigma, eps)
 
 

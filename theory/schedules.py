@@ -1,4 +1,4 @@
-"""Noise schedules of a variance-preserving (VP) forward process, continuous in t (THEORY.md section 1).
+"""Noise schedules of a variance-preserving (VP) forward process, continuous in t (docs/theory.md §1).
 
     dX_t = -1/2 beta(t) X_t dt + sqrt(beta(t)) dW_t
     alpha(t) = exp(-1/2 B(t)),  B(t) = int_0^t beta(u) du      (signal scale)
@@ -79,7 +79,7 @@ class NoiseSchedule:
             )
 
     def log_alpha(self, t) -> torch.Tensor:
-        """log alpha(t) = -B(t)/2 (THEORY.md 1)."""
+        """log alpha(t) = -B(t)/2 (docs/theory.md §1)."""
         return -0.5 * self.integral(self._t(t))
 
     def alpha(self, t) -> torch.Tensor:

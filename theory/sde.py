@@ -1,4 +1,4 @@
-"""The reverse SDE of ``theory.solvers`` (method 'em') run through torchsde (THEORY.md section 3).
+"""The reverse SDE of ``theory.solvers`` (method 'em') run through torchsde (docs/theory.md §3).
 
     dX = [-1/2 beta X - beta (score(X, t) + guidance(X, t))] dt + sqrt(beta) dW-bar      (t: T -> 0)
 
@@ -9,8 +9,8 @@ each piece) the same process reads
 
     dX = h_i [1/2 beta X + beta (score + guidance)] dtau + sqrt(h_i beta) dW_tau,
 
-and torchsde's Euler scheme with dtau = 1 is exactly ``solvers.em_step`` on the same grid: identical in
-law to ``sample(..., method='em')`` (test h). ``adjoint=True`` uses ``torchsde.sdeint_adjoint`` (Li et
+and torchsde's Euler scheme with dtau = 1 is exactly ``solvers.em_step`` on the same grid (the drift is
+``solvers.reverse_drift``, the one drift of the package): identical in law to ``sample(..., method='em')``. ``adjoint=True`` uses ``torchsde.sdeint_adjoint`` (Li et
 al. 2020, stochastic adjoint): gradients w.r.t. the model's trainable parameters (and x_T) come from a
 backward SDE solve on the same Brownian path, so memory does not grow with the number of steps; they
 are the continuous-time adjoint's gradients, equal to the discrete ones only as the grid refines.
@@ -24,8 +24,8 @@ import torch
 import torchsde
 from torch import nn
 
-from .schedules import NoiseSchedule, append_dims
-from .solvers import _make_eps_fn, check_grid
+from .schedules import NoiseSchedule
+from .solvers import check_grid, guided_eps, reverse_drift, schedule_at
 
 __all__ = ["ReverseSDE", "sdeint", "refine_grid", "brownian"]
 
@@ -62,8 +62,8 @@ class ReverseSDE(nn.Module):
         super().__init__()
         self.model = model if isinstance(model, nn.Module) else None
         self.guidance_module = guidance if isinstance(guidance, nn.Module) else None
-        self._eps_fn = _make_eps_fn(model, schedule, cond, guidance)
-        self._ref_fn = _make_eps_fn(reference, schedule, cond, None) if reference is not None else None
+        self._eps_fn = guided_eps(model, cond, guidance)
+        self._ref_fn = guided_eps(reference, cond) if reference is not None else None
         self.shape = tuple(shape)
         self.D = int(math.prod(self.shape))
         self.schedule = schedule
@@ -78,20 +78,20 @@ class ReverseSDE(nn.Module):
         return torch.clamp(t, min=0.0).to(dtype), h.to(dtype)
 
     def f(self, tau, y):
-        """Drift h_i [1/2 beta x + beta score_total] (THEORY.md 3, reversed). With a reference model the
-        state carries one more coordinate, the Girsanov path KL (THEORY.md 4), whose rate is
-        h_i * 1/2 |u|^2 / beta = h_i * 1/2 beta |score_total - score_ref|^2."""
+        """Drift h_i beta (x/2 + score_total) (``solvers.reverse_drift``; docs/theory.md §3, reversed). With a
+        reference model the state carries one more coordinate, the Girsanov path KL (docs/theory.md §4),
+        whose rate is h_i * 1/2 |u|^2 / beta = h_i * 1/2 beta |score_total - score_ref|^2."""
         t, h = self._piece(tau, y.dtype)
         B = y.shape[0]
         x = y[:, : self.D].reshape((B,) + self.shape)
-        tt = t.expand(B)
-        eps = self._eps_fn(x, tt)
-        sig = append_dims(self.schedule.sigma(tt).to(y.dtype), x)
-        b = append_dims(self.schedule.beta(tt).to(y.dtype), x)
-        drift = (h * b * (0.5 * x - eps / sig)).reshape(B, -1)
+        at = schedule_at(self.schedule, t.expand(B))
+        eps = self._eps_fn(x, at)
+        drift = reverse_drift(x, eps, at, h).reshape(B, -1)
         if self._ref_fn is None:
             return drift
-        du = (self._ref_fn(x, tt) - eps) / sig  # score_total - score_ref
+        per_sample = (B,) + (1,) * len(self.shape)
+        du = (self._ref_fn(x, at) - eps) / at.sigma.reshape(per_sample)  # score_total - score_ref
+        b = at.beta.reshape(per_sample)
         kl_rate = 0.5 * h * (b * du**2).reshape(B, -1).sum(1, keepdim=True)
         return torch.cat([drift, kl_rate], dim=1)
 
@@ -145,7 +145,7 @@ def sdeint(
             ``brownian``/``refine_grid``); default a ``BrownianInterval`` seeded from ``generator``.
         method: torchsde method for diagonal Ito noise ('euler', 'milstein', 'srk').
         reference: eps model of the pre-trained process; then the continuous path KL
-            1/2 int |u|^2 / beta dt (Girsanov, THEORY.md 4) is integrated alongside (an extra state
+            1/2 int |u|^2 / beta dt (Girsanov, docs/theory.md §4) is integrated alongside (an extra state
             coordinate with zero noise) and ``(x0, kl)`` is returned, kl of shape (B,) (with
             ``return_states``: (states, kl at every time of ts)). Gradients flow through it under the
             adjoint too.

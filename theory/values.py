@@ -1,4 +1,4 @@
-"""Value functions of KL-regularised steering (THEORY.md section 4), exact and Monte Carlo.
+"""Value functions of KL-regularised steering (docs/theory.md §4), exact and Monte Carlo.
 
     h_t(x) = E[exp(r(X_0)/lam) | X_t = x],    v_t(x) = lam log h_t(x)          (Feynman-Kac)
     optimal guidance (Doob h-transform, CTRL Lemma 2):  g(x, t) = grad_x log h_t(x) = grad v / lam
@@ -10,7 +10,7 @@ Closed forms come from ``theory.exact`` (Gaussian / mixture data, linear / quadr
 posterior X_0 | X_t is a Gaussian mixture, so h is a sum of Gaussian integrals); this module adds the
 Monte Carlo estimator for any eps model and reward (sampling through ``theory.solvers.sample``), the
 h-transform as a guidance field, the HJB residual, the discretised and continuous path KL, and the
-initial-value bias of THEORY.md 4 in closed form for Gaussian data.
+initial-value bias of docs/theory.md §4 in closed form for Gaussian data.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Callable, Optional
 import torch
 
 from .exact import GaussianMixture, Reward
-from .schedules import NoiseSchedule, append_dims, as_time
-from .solvers import check_grid, gaussian_log_prob, sample, time_grid
+from .schedules import NoiseSchedule, as_time
+from .solvers import check_grid, gaussian_log_prob, replay, sample, time_grid
 
 __all__ = [
     "exact_log_h",
@@ -53,12 +53,12 @@ def _check_lam(lam: float) -> float:
 
 
 def exact_log_h(model: GaussianMixture, x: torch.Tensor, t, reward: Reward, lam: float) -> torch.Tensor:
-    """log h_t(x) in closed form (THEORY.md 4-5; ``GaussianMixture.log_h``), shape (B,)."""
+    """log h_t(x) in closed form (docs/theory.md §4-5; ``GaussianMixture.log_h``), shape (B,)."""
     return model.log_h(x, t, reward, _check_lam(lam))
 
 
 def exact_value(model: GaussianMixture, x: torch.Tensor, t, reward: Reward, lam: float) -> torch.Tensor:
-    """v_t(x) = lam log h_t(x) in closed form (THEORY.md 4), shape (B,)."""
+    """v_t(x) = lam log h_t(x) in closed form (docs/theory.md §4), shape (B,)."""
     return model.value(x, t, reward, _check_lam(lam))
 
 
@@ -73,7 +73,7 @@ def exact_grad_value(model: GaussianMixture, x: torch.Tensor, t, reward: Reward,
 def quadrature_log_h(model: GaussianMixture, x: torch.Tensor, t, log_r: Callable, lam: float,
                      n_nodes: int = 12) -> torch.Tensor:
     """log h_t(x) = log E[exp(r(X_0)/lam) | X_t = x] for ANY reward, by Gauss-Hermite quadrature over
-    the exact Gaussian-mixture posterior X_0 | X_t = x (THEORY.md 4; Feynman-Kac with the posterior
+    the exact Gaussian-mixture posterior X_0 | X_t = x (docs/theory.md §4; Feynman-Kac with the posterior
     written out):
 
         h_t(x) = sum_k w_k(x) E_{N(m_k(x), C_k)}[exp(r/lam)]
@@ -117,7 +117,7 @@ def quadrature_log_h(model: GaussianMixture, x: torch.Tensor, t, log_r: Callable
 
 
 def h_transform_guidance(log_h: Callable, *, lam: Optional[float] = None, reward: Optional[Reward] = None):
-    """The optimal control as a guidance field (Doob h-transform, THEORY.md 4; CTRL Lemma 2):
+    """The optimal control as a guidance field (Doob h-transform, docs/theory.md §4; CTRL Lemma 2):
     g(x, t) = grad_x log h_t(x), added to the score by the solver (drift + beta g).
 
     ``log_h`` is either a function ``log_h(x, t) -> (B,)`` (e.g. ``model.class_log_prob(x, t)[:, y]``), or
@@ -148,12 +148,12 @@ def h_transform_guidance(log_h: Callable, *, lam: Optional[float] = None, reward
 
 
 def hjb_residual(model: GaussianMixture, x: torch.Tensor, t, reward: Reward, lam: float) -> torch.Tensor:
-    """Residual of the HJB equation of THEORY.md 4 at (x, t), in noising time t:
+    """Residual of the HJB equation of docs/theory.md §4 at (x, t), in noising time t:
 
         R = -d_t v + (1/2 beta x + beta score) . grad v + 1/2 beta (Lap v + |grad v|^2 / lam),
 
     with v the closed-form value, the exact score, all derivatives by autograd (float64 advised).
-    Shape (B,). Zero for the exact value (test c)."""
+    Shape (B,). Zero for the exact value."""
     lam = _check_lam(lam)
     s = model._need_schedule()
     x = x.detach().requires_grad_(True)
@@ -190,7 +190,7 @@ def mc_value(model, schedule: NoiseSchedule, x: torch.Tensor, t: float, reward: 
              estimator: str = "pathwise", cond=None, generator: Optional[torch.Generator] = None,
              t_min: float = 0.0) -> FKEstimate:
     """Monte Carlo Feynman-Kac estimate of v_t(x) = lam log E[exp(r(X_0)/lam) | X_t = x] and of grad v
-    (THEORY.md 4), for any eps model and reward: from each of the P points x (P, ...) at time t,
+    (docs/theory.md §4), for any eps model and reward: from each of the P points x (P, ...) at time t,
     ``n_samples`` runs of the pre-trained generative process through ``theory.solvers.sample`` (a
     uniform grid of ``n_steps`` steps from t to t_min) give X_0 and weights w = exp(r(X_0)/lam).
 
@@ -273,28 +273,22 @@ def path_kl(model, reference, schedule: NoiseSchedule, xs: list, ts, *, method: 
             cond=None, guidance=None) -> torch.Tensor:
     """The discretised path KL of a stored trajectory xs (len(ts) states, as ``sample(keep_states=True)``
     returns) of the steered chain to the pre-trained chain: sum over steps of the exact KL between their
-    Gaussian transitions from the same state, summed over dimensions (THEORY.md 4); deterministic steps
-    are skipped. Equals
+    Gaussian transitions from the same state, summed over dimensions (docs/theory.md §4); deterministic
+    steps are skipped. Both chains are re-evaluated by ``theory.solvers.replay``. Equals
     ``sample(..., reference=...).kl`` (which accumulates the same sum while sampling). Shape (B,)."""
-    from .solvers import transition
-
-    ts = check_grid(ts, schedule)
-    if len(xs) != ts.numel():
-        raise ValueError(f"xs: need one state per grid time ({ts.numel()}), got {len(xs)}")
-    total = torch.zeros(xs[0].shape[0], dtype=xs[0].dtype, device=xs[0].device)
-    for i in range(ts.numel() - 1):
-        mp, sp = transition(model, schedule, xs[i], ts[i], ts[i + 1], method=method, eta=eta, cond=cond,
-                            guidance=guidance)
-        mq, sq = transition(reference, schedule, xs[i], ts[i], ts[i + 1], method=method, eta=eta, cond=cond)
-        if not bool((sp > 0).any()) and not bool((sq > 0).any()):
+    p = replay(model, schedule, xs, ts, method=method, eta=eta, cond=cond, guidance=guidance)
+    q = replay(reference, schedule, xs, ts, method=method, eta=eta, cond=cond)
+    total = torch.zeros(p.means.shape[1], dtype=p.means.dtype, device=p.means.device)
+    for i in range(p.means.shape[0]):
+        if not bool((p.stds[i] > 0).any()) and not bool((q.stds[i] > 0).any()):
             continue  # a deterministic step (DDPM's last step into t = 0) carries no KL term, as in ``sample``
-        total = total + gaussian_kl(mp, sp, mq, sq)
+        total = total + gaussian_kl(p.means[i], p.stds[i], q.means[i], q.stds[i])
     return total
 
 
 def girsanov_kl(guidance_sq: Callable, schedule: NoiseSchedule, t0: float, t1: float, n: int = 4096) -> torch.Tensor:
     """The continuous path KL 1/2 int_{t1}^{t0} |u|^2 / beta dt = 1/2 int beta(t) |g(t)|^2 dt (u = beta g;
-    THEORY.md 4) for a control whose squared norm ``guidance_sq(t) -> (n,)`` (|g|^2, e.g. an expectation
+    docs/theory.md §4) for a control whose squared norm ``guidance_sq(t) -> (n,)`` (|g|^2, e.g. an expectation
     along the law) depends on t only; composite Simpson rule on n (even) intervals."""
     if n % 2:
         n += 1
@@ -309,7 +303,7 @@ def girsanov_kl(guidance_sq: Callable, schedule: NoiseSchedule, t0: float, t1: f
 
 
 def tilted_initial(model: GaussianMixture, reward: Reward, lam: float, T: Optional[float] = None) -> GaussianMixture:
-    """The tilted initial law h_T(x) p_T(x) / Z (THEORY.md 4) as an exact model at time 0 of its own:
+    """The tilted initial law h_T(x) p_T(x) / Z (docs/theory.md §4) as an exact model at time 0 of its own:
     it is the marginal at T of the tilted data law, p*_T, returned here as a GaussianMixture in x_T
     (components N(alpha mu*_k, alpha^2 S*_k + sigma^2 I)); sample it to start the optimal chain."""
     s = model._need_schedule()
@@ -323,7 +317,7 @@ def tilted_initial(model: GaussianMixture, reward: Reward, lam: float, T: Option
 
 
 def biased_terminal_gaussian(model: GaussianMixture, reward: Reward, lam: float, T: Optional[float] = None):
-    """The terminal law of the optimally steered chain started from the UNTILTED p_T (THEORY.md 4), in
+    """The terminal law of the optimally steered chain started from the UNTILTED p_T (docs/theory.md §4), in
     closed form for Gaussian data N(mu, S) and a reward with a Gaussian-conjugate tilt (linear, quadratic).
 
     From X_T = y the h-transformed chain ends in the tilted posterior p(x0 | y) e^{r/lam} / h_T(y). The
@@ -355,7 +349,7 @@ def biased_terminal_gaussian(model: GaussianMixture, reward: Reward, lam: float,
 
 
 def tilted_density_grid(log_p0: Callable, log_r_over_lam: Callable, grid: torch.Tensor):
-    """A tilted law p0 e^{r/lam} / Z normalised numerically on a regular 2-D grid (THEORY.md 5, labelled
+    """A tilted law p0 e^{r/lam} / Z normalised numerically on a regular 2-D grid (docs/theory.md §5, labelled
     mixture with gamma != 1). grid: (G, G, 2) points; returns (density (G, G), log Z). The cell area is
     taken from the grid spacing."""
     if grid.ndim != 3 or grid.shape[-1] != 2:
@@ -379,19 +373,17 @@ def chain_moments(model, schedule: NoiseSchedule, mean0: torch.Tensor, cov0: tor
     from N(mean0, cov0) at ts[0]: each step x_s = A x_t + c + std z (``theory.solvers.transition``) maps
     (m, P) to (A m + c, A P A^T + diag(std^2)). Used to measure weak orders and biases without Monte
     Carlo noise. With ``check`` the step is verified affine at a random point (ValueError otherwise)."""
-    from .solvers import transition
-
     ts = check_grid(ts, schedule)
     D = mean0.shape[0]
     if cov0.shape != (D, D):
         raise ValueError(f"cov0: expected shape ({D}, {D}) to match mean0, got {tuple(cov0.shape)}")
     m, P = mean0.clone(), cov0.clone()
-    eye = torch.eye(D, dtype=mean0.dtype)
-    pts = torch.cat([torch.zeros(1, D, dtype=mean0.dtype), eye, torch.randn(1, D, dtype=mean0.dtype)])
-    for i in range(ts.numel() - 1):
-        mu, std = transition(model, schedule, pts, ts[i], ts[i + 1], method=method, eta=eta, cond=cond,
-                             guidance=guidance)
-        mu = mu.detach()
+    pts = torch.cat([torch.zeros(1, D, dtype=mean0.dtype), torch.eye(D, dtype=mean0.dtype),
+                     torch.randn(1, D, dtype=mean0.dtype)])
+    # the same points at every grid time: one replay gives every step's map
+    steps = replay(model, schedule, pts.expand((ts.numel(),) + pts.shape), ts, method=method, eta=eta, cond=cond,
+                   guidance=guidance)
+    for mu, std in zip(steps.means.detach(), steps.stds.detach()):
         c = mu[0]
         A = (mu[1 : D + 1] - c).T
         if check:
@@ -399,7 +391,7 @@ def chain_moments(model, schedule: NoiseSchedule, mean0: torch.Tensor, cov0: tor
             if not torch.allclose(pred, mu[-1], rtol=1e-6, atol=1e-8 * (1 + float(mu.abs().max()))):
                 raise ValueError("model: the solver step is not affine in x (chain_moments needs Gaussian data "
                                  "and an affine guidance field)")
-        var = std.detach()[0] ** 2
+        var = std[0] ** 2
         m = A @ m + c
         P = A @ P @ A.T + torch.diag(var)
         P = 0.5 * (P + P.T)

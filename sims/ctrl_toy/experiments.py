@@ -320,7 +320,7 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
       continuous-time (Girsanov) counterpart. The exactly guided chain itself is within ``kl_exact_guidance``
       (histogram KL) of the target.
     """
-    from theory.solvers import sample, transition
+    from theory.solvers import replay, sample
 
     toy, c, n = cfg.toy, cfg.label, cfg.n_eval
     sch = data.schedule(toy)
@@ -333,13 +333,16 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
     num = num_d = den = den_d = 0.0
     per_t = []
     kl_steps = torch.zeros(n, dtype=torch.float64)
+    xs = [x.detach() for x in traj.xs]
+    with torch.no_grad():  # the three chains' transitions from the exactly guided states
+        pre = replay(law, sch, xs, ts, method="ddim", eta=1.0)
+        ctrl = replay(model, sch, xs, ts, method="ddim", eta=1.0, cond=y)
+    star = replay(law, sch, xs, ts, method="ddim", eta=1.0, guidance=exact_field)
     for i in range(len(ts) - 1):
-        x, t, s_ = traj.xs[i].detach(), ts[i].expand(n), ts[i + 1].expand(n)
+        x, t, s_ = xs[i], ts[i].expand(n), ts[i + 1].expand(n)
         with torch.no_grad():
             delta = -model.correction(x, t, y) / sch.sigma(t)[:, None]
-            m, std = transition(law, sch, x, t, s_, method="ddim", eta=1.0)
-            m_ctrl, _ = transition(model, sch, x, t, s_, method="ddim", eta=1.0, cond=y)
-        m_star, _ = transition(law, sch, x, t, s_, method="ddim", eta=1.0, guidance=exact_field)
+        m, std, m_ctrl, m_star = pre.means[i], pre.stds[i], ctrl.means[i], star.means[i]
         kl_steps += ((m_star.detach() - m_ctrl) ** 2).sum(1) / (2 * std[:, 0] ** 2)
         d_star = exact_field(x, t, None)
         a_t, a_s = float(sch.alpha(t[:1])), float(sch.alpha(s_[:1]))

@@ -15,8 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from theory.exact import gaussian, random_orthonormal, subspace_gaussian
-from theory.gradient_guidance import (FineTune, algorithm1, algorithm2, lookahead_guidance, make_guidance,
-                                      naive_guidance, objective_and_grad, optimize, r_off)
+from theory.gradient_guidance import (
+    FineTune,
+    algorithm1,
+    algorithm2,
+    lookahead_guidance,
+    make_guidance,
+    naive_guidance,
+    objective_and_grad,
+    optimize,
+    r_off,
+)
 from theory.nets import EpsMLP
 from theory.schedules import ConstantBeta, DiscreteVP
 
@@ -224,3 +233,124 @@ def test_default_grid_skips_the_degenerate_first_time():
         assert torch.equal(default_grid(sch, n), sch.step_times(n))
     lin = DiscreteVP.linear(1000)  # no degenerate knot: the full grid is kept
     assert torch.equal(default_grid(lin), lin.step_times(1000))
+
+
+# ----------------------------------------------------------------------------- one network evaluation per step
+
+
+class _Counting(torch.nn.Module):
+    """An eps network that counts its forward passes."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, 0
+
+    def forward(self, x, t, cond=None):
+        self.calls += 1
+        return self.net(x, t, cond)
+
+
+def _two_eval_G_loss(model, schedule, g, y, sigma_y):
+    """G_loss as computed before the solver shared its forward pass: a field with no attributes, so the solver
+    hands it a detached eps and it runs the network a second time, with a graph, at the schedule's own times."""
+
+    def field(x, t, eps):
+        a, h = schedule.alpha(t).to(x.dtype), schedule.sigma2(t).to(x.dtype)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            x0 = (xg - h.sqrt()[:, None] * model(xg, t)) / a[:, None]
+            u = (g * x0).sum(-1)
+            (J,) = torch.autograd.grad(u.sum(), xg)
+        beta = (a**2 / 2) / (a**2 * sigma_y**2 + h * (J * J).sum(-1))
+        return (2 * beta * (y - u.detach()))[:, None] * J
+
+    return field
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_G_loss_step_evaluates_the_network_once_and_equals_the_two_evaluation_step(with_grad):
+    """Inside ``sample`` a G_loss step runs the network once (the field differentiates the solver's own eps),
+    where the former computation ran it twice; samples (and, with gradients through the chain, the parameter
+    gradients) equal the two-evaluation ones. Both do the same float32 arithmetic on the same values, so
+    they agree to round-off: 1e-6 relative (measured: bit-equal)."""
+    from theory.solvers import sample
+
+    sch = DiscreteVP.cosine(200)
+    torch.manual_seed(0)
+    net = _Counting(EpsMLP(D, hidden=32, depth=2, T=200.0))
+    gen = torch.Generator().manual_seed(1)
+    x_T = torch.randn(6, D, generator=gen)
+    gv, y = torch.randn(6, D, generator=gen), torch.randn(6, generator=gen)
+    ts = sch.step_times(30)
+    out = {}
+    for name, field in (("one", lookahead_guidance(net, sch, gv, y, 0.2)),
+                        ("two", _two_eval_G_loss(net, sch, gv, y, 0.2))):
+        net.calls = 0
+        net.zero_grad()
+        with torch.set_grad_enabled(with_grad):
+            x0 = sample(net, sch, x_T, ts, method="ddpm", guidance=field, generator=torch.Generator().manual_seed(2)).x0
+        grads = None
+        if with_grad:
+            (x0**2).sum().backward()
+            grads = torch.cat([p.grad.flatten() for p in net.parameters()])
+        out[name] = (x0.detach(), grads, net.calls)
+    assert out["one"][2] == 30 and out["two"][2] == 60
+    torch.testing.assert_close(out["one"][0], out["two"][0], rtol=1e-6, atol=1e-6)
+    if with_grad:
+        torch.testing.assert_close(out["one"][1], out["two"][1], rtol=1e-6, atol=1e-6 * float(out["two"][1].abs().max()))
+
+
+def test_mixed_field_is_G_and_G_loss_chain_by_chain():
+    """``gradient_guidance`` with a per-chain ``lookahead`` mask and per-chain sigma_y gives, row by row, what
+    the pure G and G_loss fields give (float64, same arithmetic: 1e-12 relative)."""
+    from theory.gradient_guidance import gradient_guidance
+
+    sch = DiscreteVP.cosine(200)
+    torch.manual_seed(0)
+    net = EpsMLP(D, hidden=16, depth=2, T=200.0).double()
+    x, gv, y = _instance(5, B=6)
+    t = torch.full((6,), 40.0, dtype=torch.float64)
+    look = torch.tensor([True, False, True, False, False, True])
+    sy = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.5, 0.7], dtype=torch.float64)
+    mixed = gradient_guidance(sch, gv, y, sy, lookahead=look, model=net)(x, t, net(x, t))
+    for i in range(6):
+        sl = slice(i, i + 1)
+        f = (lookahead_guidance(net, sch, gv[sl], y[sl], float(sy[i])) if look[i]
+             else naive_guidance(sch, gv[sl], y[sl], float(sy[i])))
+        torch.testing.assert_close(mixed[sl], f(x[sl], t[sl], net(x[sl], t[sl])), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="lookahead"):
+        gradient_guidance(sch, gv, y, 0.1, lookahead=look[:3], model=net)
+    with pytest.raises(ValueError, match="model"):
+        gradient_guidance(sch, gv, y, 0.1, lookahead=True)
+
+
+def test_optimize_batched_equals_the_runs_one_at_a_time():
+    """Algorithm 1 for three configurations (G and G_loss, two deltas, two sigma_y, three seeds) in one batch
+    equals each configuration run alone: same x_T and noise (each run's own generator), one network call per
+    step for all chains. Exact subspace score in float64: only the round-off of a larger batch differs
+    (1e-10 relative allowed). Bad runs are refused."""
+    from theory.gradient_guidance import Run, optimize_batched
+
+    sch = DiscreteVP.cosine(200)
+    A = random_orthonormal(D, d, torch.Generator().manual_seed(1))
+    model = _Counting(subspace_gaussian(A, sch))
+    model.dim = D
+    theta = torch.randn(D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    f = _linear(theta / theta.norm())
+    ts = sch.step_times(10)
+    runs = [Run("G", 0.5, 0.1, seed=3, n=4), Run("G_loss", 0.2, 0.3, seed=4, n=5), Run("G_loss", 0.5, 0.1, seed=5, n=3)]
+    model.calls = 0
+    batched = optimize_batched(model, sch, f, runs, rounds=2, ts=ts, keep_rounds=(1,))
+    assert model.calls == 3 * 10  # rounds 0..2, one call per step for all 12 chains
+    for run, res in zip(runs, batched):
+        alone = optimize(model, sch, f, n=run.n, rounds=2, delta=run.delta, guidance=run.guidance,
+                         sigma_y=run.sigma_y, ts=ts, generator=torch.Generator().manual_seed(run.seed),
+                         keep_rounds=(1,))
+        for a, b in zip(res.values, alone.values):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.x, alone.x, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(res.samples[1], alone.samples[1], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="guidance"):
+        Run("naive")
+    with pytest.raises(ValueError, match="runs"):
+        optimize_batched(model, sch, f, [], rounds=1)

@@ -6,12 +6,9 @@ it within 5 standard errors (mean: sqrt(P_ii / n); covariance entry: sqrt((P_ii 
 Gaussian standard error of a sample covariance), and the exact discretisation bias against the data law
 is measured separately, without Monte Carlo noise (weak orders).
 """
-import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from theory.exact import gaussian, random_orthonormal, subspace_gaussian
 from theory.schedules import ConstantBeta, LinearVP
@@ -205,3 +202,100 @@ def test_h_adjoint_gradient_converges_to_the_discrete_gradient():
             grads.append(float(net.theta.grad))
         gaps.append(abs(grads[1] - grads[0]) / abs(grads[0]))
     assert gaps[1] < gaps[0] and gaps[1] < 0.02, gaps
+
+
+# ----------------------------------------------------------------------------- solver records, replay, coefficients
+
+
+def test_solver_records_declare_order_and_noise():
+    from theory.solvers import SOLVERS, is_stochastic, solver
+
+    assert {k: v.order for k, v in SOLVERS.items()} == {"ddim": 1.0, "ddpm": 1.0, "em": 1.0, "heun": 2.0}
+    assert [is_stochastic("ddim", e) for e in (0.0, 0.5)] == [False, True]
+    assert is_stochastic("ddpm") and is_stochastic("em") and not is_stochastic("heun", 1.0)
+    with pytest.raises(ValueError, match="method"):
+        solver("rk4")
+
+
+def test_grid_points_equal_the_schedule_at_each_time():
+    """The coefficients computed once per grid are the per-step schedule calls' values, to the bit (the same
+    elementwise float32 arithmetic)."""
+    from theory.schedules import DiscreteVP
+    from theory.solvers import grid_points
+
+    sch = DiscreteVP.cosine(200)
+    ts = sch.step_times(50)
+    pts = grid_points(sch, ts, 3, torch.float32)
+    for i in (0, 7, 50):
+        t = ts[i].to(torch.float32).expand(3)
+        assert torch.equal(pts[i].t, t)
+        for name, want in (("alpha", sch.alpha(t)), ("sigma2", sch.sigma2(t)), ("sigma", sch.sigma(t)), ("beta", sch.beta(t))):
+            assert torch.equal(getattr(pts[i], name).expand(3), want.to(torch.float32)), name
+
+
+@pytest.mark.parametrize("method,eta", SOLVER_CASES)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_replay_reproduces_the_sampled_transitions(method, eta, chunk):
+    """``replay`` of a stored trajectory (all steps in one batched call, or ``chunk`` steps per call) gives
+    the transitions ``sample`` used (float64; a larger batch changes only round-off: 1e-12 relative), with
+    a per-sample label tiled across the steps; its log-probabilities are gaussian_log_prob's per step."""
+    from theory.nets import EpsMLP
+    from theory.solvers import gaussian_log_prob, is_stochastic, replay
+
+    sch = LinearVP()
+    torch.manual_seed(0)
+    net = EpsMLP(2, hidden=16, depth=2, n_classes=3).double()
+    y = torch.tensor([0, 2, 1, -1])
+    ts = time_grid(sch, 8, t_min=0.0)  # the last step reaches t = 0 (Heun's Euler step there)
+    tr = sample(net, sch, torch.randn(4, 2, dtype=F64), ts, method=method, eta=eta, cond=y, keep_states=True,
+                return_transitions=True, generator=torch.Generator().manual_seed(1))
+    rp = replay(net, sch, tr.xs, ts, method=method, eta=eta, cond=y, chunk=chunk)
+    torch.testing.assert_close(rp.means, torch.stack(tr.means), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rp.stds, torch.stack(tr.stds), rtol=1e-12, atol=1e-12)
+    if is_stochastic(method, eta):
+        lp = rp.log_prob(tr.xs)[:-1]  # DDPM/DDIM's last step into t = 0 has std 0
+        want = torch.stack([gaussian_log_prob(tr.xs[i + 1], tr.means[i], tr.stds[i]) for i in range(7)])
+        torch.testing.assert_close(lp, want, rtol=1e-12, atol=1e-10)
+
+
+def test_replay_with_guidance_and_the_path_kl_equal_the_solvers():
+    """With a guidance field (built for one batch) replay goes step by step; the path KL of two replays equals
+    the KL ``sample(reference=...)`` accumulates (same formula, float64: 1e-12)."""
+    from theory.solvers import replay
+
+    sch = LinearVP()
+    m = _problem(3, D=2, schedule=sch)
+    ref = _problem(4, D=2, schedule=sch)
+    field = lambda x, t, eps: 0.3 * torch.ones_like(x) + 0.1 * x  # noqa: E731
+    ts = time_grid(sch, 12, t_min=1e-3)
+    tr = sample(m, sch, torch.randn(5, 2, dtype=F64), ts, method="ddpm", guidance=field, reference=ref,
+                keep_states=True, generator=torch.Generator().manual_seed(0))
+    p = replay(m, sch, tr.xs, ts, method="ddpm", guidance=field)
+    q = replay(ref, sch, torch.stack(tr.xs), ts, method="ddpm")
+    torch.testing.assert_close(p.kl_to(q), tr.kl, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="xs"):
+        replay(m, sch, tr.xs[:-1], ts, method="ddpm")
+    with pytest.raises(ValueError, match="chunk"):
+        replay(m, sch, tr.xs, ts, method="ddpm", chunk=0)
+
+
+def test_em_heun_and_torchsde_share_one_drift():
+    """One Euler-Maruyama step, torchsde's ReverseSDE drift over one grid piece, and Heun's predictor are the
+    same ``reverse_drift`` (the SDE drift minus the probability-flow drift is beta score / 2)."""
+    from theory.sde import ReverseSDE
+    from theory.solvers import em_step, guided_eps, heun_step, reverse_drift, schedule_at
+
+    sch = LinearVP()
+    m = _problem(5, D=2, schedule=sch)
+    x = torch.randn(3, 2, dtype=F64)
+    ts = torch.tensor([0.6, 0.5, 0.0], dtype=F64)
+    at_t, at_s = schedule_at(sch, ts[0].expand(3)), schedule_at(sch, ts[1].expand(3))
+    fn = guided_eps(m)
+    mean, _ = em_step(x, fn, at_t, at_s)
+    sde = ReverseSDE(m, sch, ts, (2,))
+    assert torch.equal(mean, x + sde.f(torch.tensor(0.0, dtype=F64), x))
+    eps = m(x, at_t.t)
+    pf = reverse_drift(x, eps, at_t, ode=True)
+    torch.testing.assert_close(reverse_drift(x, eps, at_t) - pf, 0.5 * at_t.beta[:, None] * (-eps / at_t.sigma[:, None]))
+    at_0 = schedule_at(sch, ts[2].expand(3))
+    assert torch.equal(heun_step(x, fn, at_s, at_0)[0], x + 0.5 * reverse_drift(x, m(x, at_s.t), at_s, ode=True))
