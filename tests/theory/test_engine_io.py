@@ -1,0 +1,60 @@
+"""theory.io, the one atomic writer: the final file's mode follows the umask, JSON is strict, no temporary
+file is left behind, and an interrupted write leaves the old file intact."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from theory.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, to_strict_json
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_mode_follows_umask_and_no_temp_left(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_write_json(tmp_path / "b.json", {"v": 1})
+        atomic_save_tensors({"t": torch.ones(2)}, tmp_path / "c.safetensors")
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "b.json", "c.safetensors"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == 0o666 & ~umask, name
+    assert sorted(os.listdir(tmp_path)) == ["a.bin", "b.json", "c.safetensors"]
+
+
+def test_strict_json():
+    obj = {"nan": float("nan"), "inf": -math.inf, "t": (1, 2.5), "np": np.float32(0.5), "torch": torch.tensor(3),
+           "arr": np.arange(2), 1: None}
+    assert to_strict_json(obj) == {"nan": None, "inf": None, "t": [1, 2.5], "np": 0.5, "torch": 3, "arr": [0, 1],
+                                   "1": None}
+
+
+def test_strict_json_file_and_bad_input(tmp_path):
+    atomic_write_json(tmp_path / "h.json", [{"kl": float("nan")}])
+    assert json.loads((tmp_path / "h.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == [{"kl": None}]
+    with pytest.raises(ValueError, match="obj"):
+        atomic_write_json(tmp_path / "x.json", {"f": object()})
+    with pytest.raises(ValueError, match="data"):
+        atomic_write_bytes(tmp_path / "y", "text")
+    with pytest.raises(ValueError, match="folder"):
+        atomic_write_bytes(tmp_path, b"x")
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "p.safetensors"
+    atomic_save_tensors({"t": torch.zeros(3)}, path)
+
+    def boom(a, b):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save_tensors({"t": torch.ones(3)}, path)
+    monkeypatch.undo()
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(path))["t"], torch.zeros(3))
+    assert os.listdir(tmp_path) == ["p.safetensors"]
