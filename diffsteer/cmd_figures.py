@@ -24,7 +24,10 @@ A figure whose PNG and JSON in OUT are current - the JSON records the same setti
 and the same code version (a hash of the source of the figure's module and of every theory/sims/imaging
 module it imports, transitively) - is skipped; --force recomputes it. Before starting, the command
 prints each figure's expected time (the wall time recorded in its JSON at the same settings) and the
-expected total; long figures show their own progress (rounds, training steps).
+expected total; long figures show their own progress (rounds, training steps). Figures that reuse the
+computations of an earlier figure of the same run (ctrl_toy_table after ctrl_toy_density, gg_objective
+and gg_distributions after gg_roff) record only their own extra time, and a pre-trained network that is
+not yet in the cache adds its training time once: the expected total is for a whole run with a warm cache.
 
 --replot re-draws the PNGs from the JSONs already in OUT, without computing (for layout changes).
 Trained pre-trained networks are cached in $DIFFSTEER_CACHE (default: the platform's user cache
