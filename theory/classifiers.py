@@ -1,4 +1,4 @@
-"""Classifiers for conditioning (THEORY.md section 6; CTRL section 4): a clean classifier p_phi(y | x0),
+"""Classifiers for conditioning (docs/theory.md §6.4; CTRL section 4): a clean classifier p_phi(y | x0),
 a time-dependent noisy classifier p_phi(y | x_t, t) for classifier guidance, maximum-likelihood training,
 temperature scaling on a held-out split, and the expected calibration error.
 
@@ -149,7 +149,7 @@ class FitConfig:
 def fit_mle(clf: ClassifierMLP, x: torch.Tensor, y: torch.Tensor, config: FitConfig = FitConfig(),
             schedule: Optional[NoiseSchedule] = None) -> list[float]:
     """Maximum likelihood (cross-entropy) on (x, y) with Adam minibatches; for a ``NoisyClassifierMLP``
-    each minibatch is noised, x_t = alpha x0 + sigma eps with t ~ U[t_min, T] (THEORY.md 6). Returns losses."""
+    each minibatch is noised, x_t = alpha x0 + sigma eps with t ~ U[t_min, T] (docs/theory.md §6.4). Returns losses."""
     check_offline(x, y, clf.n_classes)
     noisy = isinstance(clf, NoisyClassifierMLP)
     if noisy and schedule is None:

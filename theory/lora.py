@@ -1,4 +1,4 @@
-"""LoRA on any ``nn.Module`` through peft (ARCHITECTURE.md, ENGINE_API.md; Hu et al. 2022).
+"""LoRA on any ``nn.Module`` through peft (docs/theory.md §8; Hu et al. 2022).
 
 A LoRA adapter replaces a linear map W by W + s (alpha / r) B A with A (r x in), B (out x r); B starts at
 zero, so the adapted module equals the pre-trained one bit for bit at initialisation (x + 0 = x in floating

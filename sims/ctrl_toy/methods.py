@@ -1,6 +1,6 @@
 """The methods of the CTRL toy. Every one samples through ``theory.solvers.sample`` (DDIM, eta = 1):
 
-- CTRL (seed ctrl_conditioning_with_rl, Algorithm 1): the augmented model
+- CTRL (CTRL paper, Algorithm 1; docs/theory.md §6.5): the augmented model
       eps_aug(x, t, y) = eps_pre(x, t) + g_psi(x, t, y),   g_psi(., ., NULL) = 0,  g_psi = 0 at init
   (the paper's f_pre + g_psi; the correction's last layer starts at zero, the NULL label gives exactly
   zero), fine-tuned by ``theory.engine.finetune`` on the reward r(x0, y) = log p_phi(y | x0) with KL weight
@@ -33,7 +33,7 @@ __all__ = ["AugmentedEps", "ClassifierReward", "QuantisedReward", "train_ctrl", 
 
 def AugmentedEps(base: nn.Module, n_labels: Union[int, Sequence[int]], dim: int = 2, hidden: int = 64,
                  depth: int = 2, dtype=torch.float32) -> SteeredModel:
-    """CTRL's augmented eps model (seed eq. 3 / appendix B): eps_pre(x, t) + g_psi(x, t, y), the steered
+    """CTRL's augmented eps model (CTRL eq. 3 / appendix B; docs/theory.md (6.10b)): eps_pre(x, t) + g_psi(x, t, y), the steered
     model's 'network' label mode (``theory.engine.SteeredModel``).
 
     ``n_labels``: an int (one condition, cond of shape (B,)) or a tuple (several conditions, cond (B, m)).

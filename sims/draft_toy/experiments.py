@@ -1,4 +1,4 @@
-"""Experiments of the DRaFT toy (issue 6), each a function of a frozen config returning plain data.
+"""Experiments of the DRaFT toy (docs/theory.md §6.6), each a function of a frozen config returning plain data.
 
 - ``compare``: every method x seed on the same budget of reward queries; evaluation curves against
   reward queries and training wall time.
@@ -79,7 +79,7 @@ def train_method(method: Method, seed: int, train: TrainConfig = TrainConfig(),
     eval_time = [0.0]
 
     def callback(step, *args, **kwargs):
-        # step: number of completed optimisation steps (1-based) - see ENGINE_API.md
+        # step: number of completed optimisation steps (1-based), as finetune documents it
         if evaluate_every and (step % eval_every_steps == 0 or step == n_steps_total):
             before = eval_time[0]
             t0 = time.perf_counter()
@@ -204,7 +204,7 @@ def speedup(data: dict, fast: str, slow: str, key: str = "reward_a", fractions=(
 
 
 def claims(data: dict) -> dict:
-    """The comparisons behind issue 6(a), from a ``compare`` result:
+    """The comparisons of the method comparison, from a ``compare`` result:
     truncation vs the whole chain (DRaFT-K against DRaFT, per query); DRaFT-LV against DRaFT-1 (per query,
     per step and per second); gradient methods against DDPO on DDPO's own (threshold) reward, per query:
     the levels are fractions of DDPO's final gain, so the ratio says how many times fewer queries the
@@ -253,7 +253,7 @@ def step_costs(methods=None, train: TrainConfig = TrainConfig(), steps: int = 25
 def sensitivity(lrs=(3e-4, 1e-3, 3e-3), batch_sizes=(8, 32), seeds=(0, 1), budget: int = 2560,
                 labels=("DRaFT", "DRaFT-1", "DRaFT-LV", "ReFL", "DDPO", "DDPO-1upd")) -> dict:
     """The comparison of ``compare`` repeated over learning rates and batch sizes (same budget of reward
-    queries, evaluations every 4 optimisation steps), to see whether the conclusions of issue 6(a) depend
+    queries, evaluations every 4 optimisation steps), to see whether the conclusions of the comparison depend
     on the one learning rate of ``METHODS``. Returns {"lr=..,B=..": claims(...)} plus the final values."""
     from .configs import METHODS
 

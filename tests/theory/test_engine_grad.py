@@ -1,4 +1,4 @@
-"""Issue 3 (a), (b): every strategy's gradient against references (theory.engine, THEORY.md 4-6).
+"""Every strategy's gradient against references (theory.engine; docs/theory.md §6.6-6.7).
 
 References are written out by hand here, independently of ``theory.solvers``: the DDIM(eta) step
 (Song et al. 2021, eq. 12) x_s = a_s x0_hat + sqrt(s_s^2 - c^2) eps + c z, c^2 = eta^2 s_s^2/s_t^2 (1 - a_t^2/a_s^2),

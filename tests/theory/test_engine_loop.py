@@ -1,4 +1,4 @@
-"""The fine-tuning loop of theory.engine (issue 3, e-f and d): exact resume after a kill, errors on
+"""The fine-tuning loop of theory.engine: exact resume after a kill, errors on
 non-finite rewards and wrong shapes that name the step, samples or callable, the augmented model equal to
 the pre-trained one at initialisation and its NULL embedding still zero after training, LoRA save/load/
 scale/sum, and DDPO raising a thresholded reward."""
@@ -48,7 +48,7 @@ def _params(model):
 
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
-    """(e) 6 steps straight vs 3 steps, a 'kill' (an exception from the callback after the step-3
+    """6 steps straight vs 3 steps, a 'kill' (an exception from the callback after the step-3
     checkpoint), and a resumed run to 6: identical parameters and history (CPU, same seed)."""
     _, straight = _model()
     h_straight = finetune(straight, SCH, Toward(), DRaFTK(2), _cfg(), x_T_sampler=_sampler)
@@ -125,7 +125,7 @@ def test_wrong_shapes_name_the_callable():
 
 
 def test_augmented_model_equals_pretrained_at_init_and_null_stays_zero():
-    """(f) LoRA B = 0 and zero embeddings: bit-for-bit the pre-trained output for every label; after
+    """LoRA B = 0 and zero embeddings: bit-for-bit the pre-trained output for every label; after
     training the labelled embeddings moved and the NULL one is still exactly zero."""
     base, model = _model(labels=3)
     x, t = torch.randn(9, 2), torch.rand(9)
@@ -176,7 +176,7 @@ def test_lora_save_load_scale_and_sum(tmp_path):
 
 
 def test_ddpo_raises_a_thresholded_reward():
-    """(d) r = 1{|x0 - c| < 1} has no gradient; DDPO (PPO on the solver's transition log-probs) raises its
+    """r = 1{|x0 - c| < 1} has no gradient; DDPO (PPO on the solver's transition log-probs) raises its
     mean over 30 steps: the last 5 steps' mean exceeds the first 5 steps' by > 2 standard errors."""
     class Hit:
         differentiable = False
