@@ -322,6 +322,7 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
             f"{_fmt_s(sum(known))}" + (f" plus {n_unknown} without a recorded time" if n_unknown else "")
             + " (recorded wall times; one process)")
     results = {}
+    paced = [0.0, 0.0]  # wall time and recorded time of the figures done so far that had a recorded time
     for i, name in enumerate(todo):
         spec = FIGURES[name]
         inner = _Inner(progress)
@@ -343,10 +344,14 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
         atomic_write_bytes(out / f"{name}.png", _png(fig))
         atomic_write_json(out / f"{name}.json", record)
         results[name] = record
+        if est[name] is not None and est[name] > 1.0:  # this run's pace against the recorded times
+            paced[0] += wall
+            paced[1] += est[name]
         rest = [est[n] for n in todo[i + 1:]]
         left = sum(e for e in rest if e is not None)
+        pace = f", {_fmt_s(left * paced[0] / paced[1])} at this run's pace" if paced[1] > 0 and left > 0 else ""
         log(f"[{i + 1}/{len(todo)}] {name}: {_fmt_s(wall)} (expected {_fmt_s(est[name])}) -> {out}/{name}.png, .json"
-            + (f"; remaining {_fmt_s(left)}" + (" + unknown" if None in rest else "") if rest else ""))
+            + (f"; remaining {_fmt_s(left)} recorded{pace}" + (" + unknown" if None in rest else "") if rest else ""))
     return results
 
 
