@@ -318,9 +318,9 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
     known = [e for e in est.values() if e is not None]
     n_unknown = len(todo) - len(known)
     if todo:
-        log(f"{len(todo)} figure(s) to compute into {out}/ ({'quick' if quick else 'full'} settings): expected "
-            f"{_fmt_s(sum(known))}" + (f" plus {n_unknown} without a recorded time" if n_unknown else "")
-            + " (recorded wall times; one process)")
+        total = (f"expected {_fmt_s(sum(known))} (recorded wall times, one process)" if known else "no recorded time")
+        log(f"{len(todo)} figure(s) to compute into {out}/ ({'quick' if quick else 'full'} settings): {total}"
+            + (f"; {n_unknown} figure(s) without a recorded time at these settings" if n_unknown and known else ""))
     results = {}
     paced = [0.0, 0.0]  # wall time and recorded time of the figures done so far that had a recorded time
     for i, name in enumerate(todo):
