@@ -84,8 +84,8 @@ class FinetuneConfig:
 
     @property
     def stochastic(self) -> bool:
-        st = SOLVERS[self.method][1] if self.method in SOLVERS else None
-        return (self.eta > 0) if st is None else bool(st)
+        """Whether the sampler's steps are random (needed for the path KL and DDPO)."""
+        return self.method in SOLVERS and SOLVERS[self.method].is_stochastic(self.eta)
 
 
 def lr_factor(config: FinetuneConfig) -> Callable[[int], float]:

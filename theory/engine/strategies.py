@@ -32,7 +32,7 @@ from torch import nn
 
 from ..param import eps_to_x0
 from ..schedules import NoiseSchedule
-from ..solvers import gaussian_log_prob, sample, transition
+from ..solvers import Transitions, replay, sample
 from .config import FinetuneConfig
 from .distributed import SingleProcess
 
@@ -421,46 +421,40 @@ class DDPO(Strategy):
     def objective(self, ctx):
         raise ValueError("strategy: DDPO has no differentiable objective; use finetune")
 
-    def _logps(self, ctx, xs, idx, ts):
-        """Per-step log-probabilities (n, b) of the stored transitions of samples ``idx``."""
+    @staticmethod
+    def _replay(ctx, model, X, cond):
+        """The transitions of the stored states X (n + 1, b, ...) under ``model`` (``solvers.replay``: all
+        steps in one network call; a condition that is not a tensor, e.g. a ``PromptLabel``, step by step)."""
         c = ctx.config
-        cond = _index_cond(ctx.cond, idx)
-        out = []
-        for i in range(ctx.n):
-            x = xs[i][idx]
-            t = ts[i].to(x.dtype).expand(x.shape[0])
-            s = ts[i + 1].to(x.dtype).expand(x.shape[0])
-            mean, std = transition(ctx.model, ctx.schedule, x, t, s, method=c.method, eta=c.eta, cond=cond)
-            out.append(gaussian_log_prob(xs[i + 1][idx], mean, std))
-        return torch.stack(out)
+        chunk = None if cond is None or torch.is_tensor(cond) else 1
+        return replay(model, ctx.schedule, X, ctx.ts, method=c.method, eta=c.eta, cond=cond, chunk=chunk)
+
+    def _logps(self, ctx, X, idx):
+        """Per-step log-probabilities (n, b) of the stored transitions of samples ``idx``."""
+        Xi = X[:, idx]
+        return self._replay(ctx, ctx.model, Xi, _index_cond(ctx.cond, idx)).log_prob(Xi)
 
     def step(self, ctx: StepContext) -> StepResult:
         c = ctx.config
         with torch.no_grad():
             traj = ctx.sample(ctx.x_T, keep_states=True, return_transitions=True, reference=ctx.kl_reference)
             r = ctx.call_reward(traj.x0)
-        xs = [x.detach() for x in traj.xs]
+        X = torch.stack([x.detach() for x in traj.xs])
         ret = r.detach()
-        if c.lam > 0:
+        if c.lam > 0:  # the single-path log-ratio log p_theta / p_ref of the whole chain, (6.14)
             with torch.no_grad():
-                lr_ = 0
-                for i in range(ctx.n):
-                    t = ctx.ts[i].to(xs[i].dtype).expand(xs[i].shape[0])
-                    s = ctx.ts[i + 1].to(xs[i].dtype).expand(xs[i].shape[0])
-                    m_ref, sd = transition(ctx.reference, ctx.schedule, xs[i], t, s, method=c.method, eta=c.eta,
-                                           cond=ctx.cond)
-                    lr_ = lr_ + gaussian_log_prob(xs[i + 1], traj.means[i], traj.stds[i]) - \
-                        gaussian_log_prob(xs[i + 1], m_ref, sd)
-            ret = ret - c.lam * lr_
+                own = Transitions(torch.stack(traj.means), torch.stack(traj.stds)).log_prob(X)
+                ref = self._replay(ctx, ctx.reference, X, ctx.cond).log_prob(X)
+            ret = ret - c.lam * (own - ref).sum(0)
         adv = normalise_per_condition(ret, ctx.cond)
         B = ctx.x_T.shape[0]
         chunks = torch.arange(B, device=ctx.x_T.device).chunk(self.minibatches)
         with torch.no_grad():
-            old = [self._logps(ctx, xs, idx, ctx.ts) for idx in chunks]
+            old = [self._logps(ctx, X, idx) for idx in chunks]
         norms, losses, first_dev = [], [], None
         for k in range(self.inner_steps):
             for j, idx in enumerate(chunks):
-                new = self._logps(ctx, xs, idx, ctx.ts)
+                new = self._logps(ctx, X, idx)
                 loss, ratio = ppo_loss(new, old[j], adv[idx][None], self.clip)
                 if k == 0 and j == 0:
                     first_dev = float((ratio.detach() - 1).abs().max())
