@@ -101,7 +101,7 @@ def run_finetune_cmd(args) -> int:
                            progress=not args.no_progress)
     from .distributed import from_environment
 
-    dist = from_environment()  # an accelerate / torchrun launch with several processes, else None
+    dist = from_environment(args.device)  # an accelerate / torchrun launch with several processes, else None
     s = run_finetune(cfg, dist=dist)
     if dist is None or dist.is_main:
         print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {args.out}")

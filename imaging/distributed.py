@@ -9,8 +9,9 @@ accelerate does the process-group work (``Accelerator().reduce``, ``is_main_proc
 ``wait_for_everyone``, the device of this rank); nothing here opens sockets or picks backends itself.
 
 ``from_environment()`` returns an ``AccelerateDistributed`` when the process was started by a launcher
-with more than one process (``accelerate launch --num_processes N``, or ``torchrun``, which both set
-``WORLD_SIZE``), else None (one process, no accelerate state created).
+with more than one process (``accelerate launch --multi_gpu --num_processes N`` on GPUs, or ``torchrun
+--nproc_per_node N``, which both set ``WORLD_SIZE``; ``accelerate launch --cpu`` starts one process, so
+several CPU processes come from torchrun), else None (one process, no accelerate state created).
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ class AccelerateDistributed:
     """``theory.engine.Distributed`` on an ``accelerate.Accelerator`` (created here if not given; under
     ``accelerate launch --cpu`` it uses gloo on the CPU, on GPUs NCCL, one device per process)."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, cpu: Optional[bool] = None):
         if accelerator is None:
             from accelerate import Accelerator
 
-            accelerator = Accelerator()
+            # accelerate forms a CPU (gloo) group only when told the run is on the CPU
+            accelerator = Accelerator(cpu=(not torch.cuda.is_available()) if cpu is None else bool(cpu))
         self.accelerator = accelerator
         self.rank = int(accelerator.process_index)
         self.world_size = int(accelerator.num_processes)
@@ -70,8 +72,9 @@ class AccelerateDistributed:
         self.accelerator.wait_for_everyone()
 
 
-def from_environment() -> Optional[AccelerateDistributed]:
-    """An ``AccelerateDistributed`` when launched with several processes, else None (single process)."""
+def from_environment(device: Optional[str] = None) -> Optional[AccelerateDistributed]:
+    """An ``AccelerateDistributed`` when launched with several processes, else None (single process).
+    ``device``: the run's --device; 'cpu' (or no CUDA) makes the group a CPU one (gloo)."""
     if launched_world_size() <= 1:
         return None
     try:
@@ -79,4 +82,5 @@ def from_environment() -> Optional[AccelerateDistributed]:
     except ModuleNotFoundError:
         raise ModuleNotFoundError("launched with several processes (WORLD_SIZE > 1) but accelerate is missing: "
                                   "pip install 'diffsteer[imaging]'", name="accelerate") from None
-    return AccelerateDistributed()
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    return AccelerateDistributed(cpu=cpu)

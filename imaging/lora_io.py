@@ -57,6 +57,8 @@ def save_diffusers_lora(model: nn.Module, out_dir: Union[str, Path], adapter_nam
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    from theory.io import file_mode
+
     unet = unet_of(model)
     owner = _peft_owner(model, adapter_name)
     config = owner.peft_config[adapter_name]
@@ -81,6 +83,7 @@ def save_diffusers_lora(model: nn.Module, out_dir: Union[str, Path], adapter_nam
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=sd, weight_name=weight_name,
                                                   safe_serialization=True,
                                                   unet_lora_adapter_metadata=config.to_dict())
+        os.chmod(tmp / weight_name, file_mode())  # the mode of a new file, not mkdtemp's private one
         os.replace(tmp / weight_name, out_dir / weight_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
