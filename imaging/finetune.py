@@ -161,7 +161,7 @@ def engine_config(cfg: SDFinetuneConfig):
 
 def validate(cfg: SDFinetuneConfig):
     """Every check that needs no model: returns (strategy, engine config). Errors name the CLI option."""
-    from .pipeline import DTYPES
+    from .pipeline import DTYPES, check_pipeline_folder, resolve_device, resolve_dtype
     from .rewards import IMAGE_REWARDS
 
     if cfg.tiny == (cfg.model is not None):
@@ -212,6 +212,9 @@ def validate(cfg: SDFinetuneConfig):
     fcfg = engine_config(cfg)
     fcfg.validate()
     strategy.validate(cfg.sample_steps, fcfg)
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))  # --device exists here, --dtype runs on it
+    if cfg.model is not None:
+        check_pipeline_folder(cfg.model)
     return strategy, fcfg
 
 
