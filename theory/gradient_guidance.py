@@ -25,6 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from .engine import update
 from .nets import dsm_loss
 from .param import eps_to_x0
 from .schedules import DiscreteVP, NoiseSchedule, append_dims
@@ -334,9 +335,7 @@ def _finetune_round(model, opt, finetune: FineTune, schedule, x, f, cond, gen):
             loss = dsm_loss(model, schedule, x, tt, cond, gen)
         else:  # weighted DSM: sum_i w_i |eps_theta(x_t,i) - eps_i|^2 (the paper's weighted samples)
             loss = sum(w[i] * dsm_loss(model, schedule, x[i:i + 1], tt[i:i + 1], cond, gen) for i in range(n))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(loss, opt, list(model.parameters()))  # the engine's one optimiser step (finite values checked)
     model.eval()
 
 
