@@ -275,11 +275,11 @@ class _Inner:
         from tqdm.auto import tqdm
 
         bar = self.bars.get(what)
-        if bar is None:
-            bar = self.bars[what] = tqdm(total=total, desc=f"  {what}" if what else "  progress", unit=unit,
-                                         leave=False, file=sys.stderr)
-        bar.n = done
-        bar.refresh()
+        if bar is None:  # starts at the first report, so its rate counts from there
+            bar = self.bars[what] = tqdm(total=total, initial=done, desc=f"  {what}" if what else "  progress",
+                                         unit=unit, leave=False, file=sys.stderr)
+        else:
+            bar.update(done - bar.n)
         if total is not None and done >= total:
             bar.close()
             del self.bars[what]
