@@ -36,7 +36,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -312,17 +312,27 @@ def _nll_acc_ece(clf, x, y) -> dict:
             "ece": expected_calibration_error(lp, y)}
 
 
-def _splits(n: int, fracs, seed: int):
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    a = int(round(fracs[0] * n))
-    b = a + int(round(fracs[1] * n))
-    return perm[:a], perm[a:b], perm[b:]
+def _splits(y: torch.Tensor, fracs, seed: int):
+    """Stratified (train, held-out, test) indices: each class split in the proportions ``fracs`` (at least one
+    sample of every class in each part where the class has three or more), by a seeded permutation."""
+    g = torch.Generator().manual_seed(seed)
+    parts: list = [[], [], []]
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = len(idx)
+        a = max(1, int(round(fracs[0] * n))) if n >= 3 else n
+        b = a + (max(1, int(round(fracs[1] * n))) if n >= 3 else 0)
+        b = min(b, n - 1) if n >= 3 else b
+        for j, sl in enumerate((idx[:a], idx[a:b], idx[b:])):
+            parts[j].append(sl)
+    return tuple(torch.cat(p)[torch.randperm(sum(len(q) for q in p), generator=g)] for p in parts)
 
 
 def fit_classifier(images: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: CtrlConfig, seed: int = 0):
     """Maximum likelihood on the train split, temperature on the held-out split, metrics on the test split
     (before and after temperature scaling). Returns (classifier, report)."""
-    tr, he, te = _splits(images.shape[0], cfg.split, seed)
+    tr, he, te = _splits(y, cfg.split, seed)
     x = images.flatten(1)
     clf = ResidualCNN(images.shape[1:], n_classes, cfg.clf_channels)
     torch.manual_seed(seed)

@@ -72,11 +72,12 @@ def _strip(res: dict, task: str) -> dict:
 def _table(ax, metrics: dict, cols=("accuracy", "macro_f1")):
     names = [n for n in metrics if n != "DPS best"]
     best = metrics.get("DPS best", {}).get("strength")
-    cells = [[f"{metrics[n][c]:.3f}" for c in cols] for n in names]
+    cells = [[f"{metrics[n][c]:.3f}" for c in cols] + [" ".join(f"{v:.2f}" for v in metrics[n]["mean_kb"])]
+             for n in names]
     labels = [n + ("  (DPS best)" if n == best else "") for n in names]
     ax.axis("off")
-    tab = ax.table(cellText=cells, rowLabels=labels, colLabels=[c.replace("_", "-") for c in cols], loc="center",
-                   cellLoc="center")
+    tab = ax.table(cellText=cells, rowLabels=labels, colLabels=[c.replace("_", "-") for c in cols] +
+                   ["mean kB per requested class"], loc="center", cellLoc="center", colWidths=[0.2, 0.2, 0.6])
     tab.auto_set_font_size(False)
     tab.set_fontsize(8)
     tab.scale(1.0, 1.3)
@@ -141,7 +142,7 @@ def draw_multitask(d: dict):
     ax.set_xticks(x, names, rotation=25, fontsize=7), ax.set_ylim(0, 1), ax.legend(fontsize=7)
     ax.set_title("per-task accuracy by the true measures", fontsize=9)
     _table(fig.add_subplot(gs[1]), ms)
-    names = ["big,light", "big,heavy", "small,light", "small,heavy"]
+    names = ["big,heavy", "big,light", "small,heavy", "small,light"]  # class 0 of each measure = above its median
     _grid(fig.add_subplot(gs[2]), d["grid"], names)
     fig.suptitle(f"multi-task CTRL: JPEG size (median {d['thresholds'][0][0]:.3f} kB) x ink mass (median "
                  f"{d['thresholds'][1][0]:.4f}), four compositional classes; classifier test acc "

@@ -229,3 +229,21 @@ def test_bad_config_is_named(tmp_path):
         load_config(p.with_name("d.json") if False else CONFIG_DIR / "ctrl_sd15.json", truncation_k=99).validate()
     with pytest.raises(FileNotFoundError, match="config"):
         load_config(tmp_path / "missing.json")
+
+
+def test_figures_draw_from_their_json(tmp_path):
+    # the registered figures are drawn from the JSON as stored (replot), for both tasks
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from imaging import ctrl_figures as cf
+    from theory.registry import FIGURES, to_jsonable
+
+    assert {"ctrl_digits", "ctrl_digits_multitask"} <= set(FIGURES)
+    res = run(_small(multitask=True, dps_strengths=(1.0,), n_eval=2, n_offline=64), tmp_path, pipe=tiny_pipeline(seed=0))
+    res["grids"] = cf._grids(tmp_path, res)
+    for task, draw in (("compress", cf.draw_compress), ("multitask", cf.draw_multitask)):
+        d = json.loads(json.dumps(to_jsonable(cf._strip(res, task))))
+        assert d["metrics"]["DPS best"]["strength"] == "DPS zeta=1"
+        assert np.asarray(d["grid"]["CTRL"]).shape[:2] == (4, 2)
+        draw(d).savefig(tmp_path / f"{task}.png")
