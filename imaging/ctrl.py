@@ -32,7 +32,6 @@ Every result is plain JSON-serialisable data; ``run`` writes it into ``out/resul
 from __future__ import annotations
 
 import copy
-import io
 import json
 import math
 import time
@@ -193,28 +192,15 @@ def load_config(path, **overrides) -> CtrlConfig:
 # ============================================================================ the true measures
 
 
-def _to_uint8(img: torch.Tensor, upscale: int) -> list:
-    """Images in [0, 1], (B, 3, H, W) -> uint8 HWC arrays, nearest-upscaled by ``upscale``."""
-    x = img.detach().float().cpu().clamp(0, 1)
-    if upscale > 1:
-        x = torch.nn.functional.interpolate(x, scale_factor=upscale, mode="nearest")
-    return [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in x]
-
-
 def jpeg_kb(img: torch.Tensor, quality: int = 95, upscale: int = 1) -> np.ndarray:
-    """The true compressibility measure: JPEG file size in kB (bytes / 1000; PIL at ``quality``) of each
-    image in [0, 1] (docs/theory.md §8; DDPO's and CTRL's measure). With ``upscale`` > 1 the image is
-    first nearest-upscaled by that factor: at 32 px the fixed JPEG headers (~0.6 kB) dominate a file of
-    ~1.3 kB and sizes span only a few per cent, while at 4x the entropy-coded payload dominates and each
-    8x8 DCT block sees 2x2 original pixels, so the measure resolves the image's own structure as at 512 px."""
-    from PIL import Image
+    """The true compressibility measure (docs/theory.md (8.2); DDPO's and CTRL's measure): the JPEG file size
+    in kB of each image in [0, 1], by ``imaging.rewards.jpeg_size_kb``. ``upscale`` > 1 nearest-upscales
+    first: at 32 px the fixed JPEG headers (~0.6 kB) dominate a file of ~1.3 kB and the sizes span a few
+    per cent, while at 4x the entropy-coded payload dominates and each 8x8 DCT block sees 2x2 original
+    pixels, so the measure resolves the image's own structure as at the paper's 512 px."""
+    from .rewards import jpeg_size_kb
 
-    out = []
-    for a in _to_uint8(img, upscale):
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="JPEG", quality=int(quality))
-        out.append(buf.tell() / 1000.0)
-    return np.asarray(out, dtype=np.float64)
+    return jpeg_size_kb(img.detach().double().cpu(), quality=int(quality), upscale=int(upscale)).numpy()
 
 
 def ink_mass(img: torch.Tensor) -> np.ndarray:
@@ -350,25 +336,25 @@ def fit_classifier(images: torch.Tensor, y: torch.Tensor, n_classes: int, cfg: C
 
 
 class ClassifierLogLik:
-    """The CTRL reward r(x0, c) = gamma * sum_j log p_phi_j(y_j | decode(x0)) (docs/theory.md §6; CTRL
-    eq. 5 with calibrated classifiers): x0 are latents, decoded by the pipeline's VAE (differentiable),
-    ``cond`` the engine's ``PromptLabel`` (its labels (B,) or (B, m) are used) or the labels themselves."""
+    """The CTRL reward r(x0, c) = gamma * sum_j log p_phi_j(y_j | decode(x0)) (docs/theory.md (8.6); CTRL eq. 5
+    with calibrated classifiers): ``imaging.rewards.classifier_reward`` (VAE decoder, then the classifiers'
+    calibrated log-likelihoods) scaled by gamma. ``cond`` is the engine's ``PromptLabel`` (its labels are
+    used) or the labels themselves, (B,) or (B, m)."""
 
     differentiable = True
 
     def __init__(self, pipe, classifiers: Sequence[ResidualCNN], gamma: float = 1.0):
-        self.pipe, self.classifiers, self.gamma = pipe, list(classifiers), float(gamma)
+        from .rewards import classifier_reward
+
+        self.gamma = float(gamma)
+        self._r = classifier_reward(pipe, *classifiers, on="images")
         self.__name__ = "ctrl_log_lik"
 
     def log_lik(self, x0, labels) -> torch.Tensor:
-        from .pipeline import decode_latents
-
-        img = decode_latents(self.pipe, x0).to(x0.dtype)
-        labels = torch.as_tensor(labels, device=x0.device).long().reshape(x0.shape[0], -1)
-        return sum(c.log_lik(img, labels[:, j]) for j, c in enumerate(self.classifiers))
+        return self._r(x0, _labels_of(labels, x0.shape[0], x0.device))
 
     def __call__(self, x0, cond):
-        return self.gamma * self.log_lik(x0, _labels_of(cond, x0.shape[0], x0.device))
+        return self.gamma * self.log_lik(x0, cond)
 
 
 # ============================================================================ the augmented model
