@@ -247,3 +247,12 @@ def test_figures_draw_from_their_json(tmp_path):
         assert d["metrics"]["DPS best"]["strength"] == "DPS zeta=1"
         assert np.asarray(d["grid"]["CTRL"]).shape[:2] == (4, 2)
         draw(d).savefig(tmp_path / f"{task}.png")
+
+
+def test_ppo_planner_runs_through_the_engine(tmp_path):
+    # CTRL remark 2: the policy-gradient route (the engine's DDPO strategy) for a classifier used without
+    # gradients; one update, with the path-KL weight on (eta = 1)
+    res = run(_small(planner="ppo", steps=1, curve_every=5), tmp_path, pipe=tiny_pipeline(seed=0))
+    tr = res["tasks"]["compress"]["training"]
+    assert len(tr["reward_mean"]) == 1 and np.isfinite(tr["reward_mean"][0])
+    assert (tmp_path / "ft_compress" / "checkpoint").is_dir()
