@@ -363,6 +363,8 @@ def test_classifier_reward_is_temperature_scaled_log_likelihood(pipe64):
     logits = on_lat(z)
     expected = logits[torch.arange(5), y] / T - torch.logsumexp(logits / T, -1)
     assert torch.allclose(r(z, y), expected, rtol=1e-12, atol=1e-12)
+    by_name = make_reward(pipe64, "classifier", on_lat, on="latents", temperature=[T])
+    assert torch.equal(by_name(z, y), r(z, y))
 
     from imaging.pipeline import decode_latents
 
