@@ -1,13 +1,22 @@
-"""Time one sampling pass guided by G_loss against an unguided pass and a G-guided pass, in one run.
+"""Time a sampling pass guided by G_loss (and by G) against an unguided pass, next to the network's own
+costs, in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200]
+    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200] [--no-unet]
 
-Same model, batch, grid (the paper's T = 200 discrete cosine schedule, DDPM steps) and noise for all
-three; the passes are interleaved round-robin and the median of ``repeats`` is reported, so machine
-load affects the three alike. Models: the exact subspace score (D = 64, d = 16, float64) and the
-EpsMLP of sims.gradguide (256 x 3, float32; timing does not depend on its weights, so an untrained
-copy is used and nothing is trained). G_loss costs one forward pass with a graph plus one
-vector-Jacobian product per step on top of the unguided step.
+Same model, batch, grid (the T = 200 discrete cosine schedule, DDPM steps) and noise for every pass; the
+passes and the network timings are interleaved round-robin and the median of ``repeats`` is reported.
+Times are this process's CPU time (``time.process_time``; run with one thread), not wall time: on a
+shared machine wall time mostly measures how often the process was descheduled. The floor of a G_loss step is one forward pass with a graph plus one
+vector-Jacobian product (docs/theory.md §7), so the column to compare G_loss/unguided with is
+(forward + VJP)/forward, both measured here on the same network, batch and times. "non-net" is the share
+of the unguided pass spent outside the network, "noise" the part of it that draws the Gaussian noise
+(one generator draw per step, the sampler's randomness itself); the rest is the solver's arithmetic.
+
+Models: the exact subspace score (D = 64, d = 16, float64; not a network, listed for reference), the
+EpsMLP of sims.gradguide (256 x 3, float32), and a U-Net-sized network: diffusers' UNet2DModel on
+3 x 16 x 16 images (2.7 M parameters, float32), flattened to the (B, D) samples the gradient-guidance
+fields take, on fewer steps (the per-step ratios do not depend on the step count). Timing does not depend
+on the weights, so untrained networks are used and nothing is trained or downloaded.
 """
 from __future__ import annotations
 
@@ -16,12 +25,53 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from theory.exact import random_orthonormal, subspace_gaussian
 from theory.gradient_guidance import default_grid, make_guidance
 from theory.nets import EpsMLP
 from theory.schedules import DiscreteVP
 from theory.solvers import sample
+
+
+class FlatUNet(nn.Module):
+    """diffusers' UNet2DModel as an eps model on flattened (B, C*H*W) samples."""
+
+    def __init__(self, shape=(3, 16, 16)):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        self.shape = tuple(shape)
+        self.dim = shape[0] * shape[1] * shape[2]
+        self.unet = UNet2DModel(sample_size=shape[1], in_channels=shape[0], out_channels=shape[0],
+                                block_out_channels=(32, 64, 128), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                                up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+    def forward(self, x, t, cond=None):
+        return self.unet(x.view((x.shape[0],) + self.shape), t).sample.reshape(x.shape)
+
+
+def _network_costs(model, x, ts, g):
+    """Seconds of len(ts) - 1 forward passes without a graph, of as many forward passes with a graph plus
+    one VJP of (g . eps) with respect to x, at the grid's times, and of as many noise draws."""
+    B = x.shape[0]
+    times = [ts[i].to(x.dtype).expand(B) for i in range(ts.numel() - 1)]
+    gen = torch.Generator().manual_seed(1)
+    t0 = time.process_time()
+    for _ in times:
+        torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    noise = time.process_time() - t0
+    t0 = time.process_time()
+    with torch.no_grad():
+        for t in times:
+            model(x, t, None)
+    fwd = time.process_time() - t0
+    t0 = time.process_time()
+    for t in times:
+        xg = x.detach().requires_grad_(True)
+        torch.autograd.grad((g * model(xg, t, None)).sum(), xg)
+    return fwd, time.process_time() - t0, noise
 
 
 def bench(model, schedule, dim, batch, steps, repeats, dtype):
@@ -32,41 +82,54 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
     ts = default_grid(schedule, steps)
     fields = {"unguided": None, "G": make_guidance("G", model, schedule, g, y),
               "G_loss": make_guidance("G_loss", model, schedule, g, y)}
-    times = {k: [] for k in fields}
+    times = {k: [] for k in list(fields) + ["fwd", "fwd+vjp", "noise"]}
     for r in range(repeats + 1):  # the first round is a warm-up
         for name, field in fields.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             with torch.no_grad():
                 sample(model, schedule, xT, ts, method="ddpm", guidance=field, generator=torch.Generator().manual_seed(1))
             if r:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(time.process_time() - t0)
+        costs = _network_costs(model, xT, ts, g)
+        if r:
+            for k, v in zip(("fwd", "fwd+vjp", "noise"), costs):
+                times[k].append(v)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="50 steps, 3 repeats")
+    p.add_argument("--quick", action="store_true", help="50 steps (U-Net 10), 3 repeats")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 200, quick 50)")
+    p.add_argument("--unet-batch", type=int, default=8)
+    p.add_argument("--unet-steps", type=int, default=None, help="U-Net sampler steps (default 20, quick 10)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7, quick 3)")
+    p.add_argument("--no-unet", action="store_true", help="skip the U-Net (needs diffusers)")
     a = p.parse_args(argv)
     steps = a.steps or (50 if a.quick else 200)
+    unet_steps = a.unet_steps or (10 if a.quick else 20)
     repeats = a.repeats or (3 if a.quick else 7)
     sch = DiscreteVP.cosine(200)
     A = random_orthonormal(64, 16, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    models = {"exact subspace score (float64)": (subspace_gaussian(A, sch), torch.float64),
-              "EpsMLP 256x3 (float32)": (EpsMLP(64, hidden=256, depth=3, T=200.0), torch.float32)}
-    print(f"one DDPM sampling pass, B = {a.batch}, {steps} steps, D = 64, median of {repeats}, "
-          f"torch threads = {torch.get_num_threads()}")
-    print(f"{'model':34s} {'unguided s':>11s} {'G s':>9s} {'G_loss s':>9s} {'G_loss/unguided':>16s} "
-          f"{'G_loss/G':>9s} {'G/unguided':>11s}")
+    models = {"exact subspace score (float64)": (subspace_gaussian(A, sch), torch.float64, 64, a.batch, steps),
+              "EpsMLP 256x3 (float32)": (EpsMLP(64, hidden=256, depth=3, T=200.0), torch.float32, 64, a.batch, steps)}
+    if not a.no_unet:
+        unet = FlatUNet()
+        n_par = sum(q.numel() for q in unet.parameters()) / 1e6
+        models[f"UNet2DModel {n_par:.1f}M (float32)"] = (unet, torch.float32, unet.dim, a.unet_batch, unet_steps)
+    print(f"one DDPM sampling pass per column, median of {repeats}, torch threads = {torch.get_num_threads()}")
+    print(f"{'model':32s} {'B':>3s} {'steps':>5s} {'unguided s':>10s} {'G s':>8s} {'G_loss s':>9s} "
+          f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'noise':>6s}")
     out = {}
-    for name, (m, dt) in models.items():
-        t = bench(m, sch, 64, a.batch, steps, repeats, dt)
+    for name, (m, dt, dim, batch, n) in models.items():
+        t = bench(m, sch, dim, batch, n, repeats, dt)
         out[name] = t
-        print(f"{name:34s} {t['unguided']:11.4f} {t['G']:9.4f} {t['G_loss']:9.4f} {t['G_loss'] / t['unguided']:16.2f} "
-              f"{t['G_loss'] / t['G']:9.2f} {t['G'] / t['unguided']:11.2f}")
+        ratio, floor = t["G_loss"] / t["unguided"], t["fwd+vjp"] / t["fwd"]
+        print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} {ratio:10.2f} "
+              f"{floor:11.2f} {ratio / floor - 1:+6.1%} {t['G'] / t['unguided']:6.2f} "
+              f"{1 - t['fwd'] / t['unguided']:7.1%} {t['noise'] / t['unguided']:6.1%}")
     return out
 
 

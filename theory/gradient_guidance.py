@@ -126,12 +126,14 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
             resid = yy - (gg * x0).sum(-1)
             beta = a / (s2 + h * gsq)
             return append_dims(beta * resid, x) * gg
+        # J = grad_x (g . x0_hat) = g / alpha + VJP_eps(-sigma g / alpha): the network's one VJP, with the
+        # cotangent autograd would send it through x0_hat = (x - sigma eps) / alpha
+        ga = gg / append_dims(a, x)
         with torch.enable_grad():
             xg, e, retain = differentiable_eps(model, x, t, cond, eps)
-            x0 = eps_to_x0(xg, e, a, sig)
-            u = (gg * x0).sum(-1)  # g . x0_hat, (B,)
-            (J,) = torch.autograd.grad(u.sum(), xg, retain_graph=retain)  # the one VJP: grad_x (g . x0_hat)
-        u, J = u.detach(), J.detach()
+            (v,) = torch.autograd.grad(e, xg, grad_outputs=-ga * append_dims(sig, x), retain_graph=retain)
+        J = ga + v
+        u = (gg * eps_to_x0(x.detach(), e.detach(), a, sig)).sum(-1)  # g . x0_hat, (B,), no graph (as J)
         resid = yy - u
         beta = (a**2 / 2) / (a**2 * s2 + h * (J * J).sum(-1))
         out = append_dims(2 * beta * resid, x) * J
@@ -317,10 +319,10 @@ def _same_or_per_chain(values, sizes, dtype):
     return torch.cat([torch.full((n,), float(v), dtype=dtype) for v, n in zip(values, sizes)])
 
 
-def _finetune_round(model, opt, finetune: FineTune, schedule, x, f, cond, gen):
-    """Algorithm 2's score fine-tuning on the previous round's samples (docs/theory.md §7)."""
+def _finetune_loss(model, finetune: FineTune, schedule, x, f, cond, gen):
+    """One step's loss of Algorithm 2's score fine-tuning on the previous round's samples (docs/theory.md
+    §7): denoising score matching (``theory.nets.dsm_loss``) at t ~ U[t_min, T], sample-weighted if asked."""
     n = x.shape[0]
-    model.train()
     w = None
     if finetune.weights is not None:
         w = torch.as_tensor(finetune.weights(x, f), dtype=x.dtype).reshape(-1)
@@ -329,14 +331,60 @@ def _finetune_round(model, opt, finetune: FineTune, schedule, x, f, cond, gen):
         w = w / w.sum()
     t_min = finetune.t_min if finetune.t_min is not None else (
         1.0 if isinstance(schedule, DiscreteVP) else 1e-3 * schedule.T)
-    for _ in range(finetune.steps):
-        tt = t_min + (schedule.T - t_min) * torch.rand(n, generator=gen, dtype=x.dtype)
-        if w is None:
-            loss = dsm_loss(model, schedule, x, tt, cond, gen)
-        else:  # weighted DSM: sum_i w_i |eps_theta(x_t,i) - eps_i|^2 (the paper's weighted samples)
-            loss = sum(w[i] * dsm_loss(model, schedule, x[i:i + 1], tt[i:i + 1], cond, gen) for i in range(n))
-        update(loss, opt, list(model.parameters()))  # the engine's one optimiser step (finite values checked)
-    model.eval()
+    tt = t_min + (schedule.T - t_min) * torch.rand(n, generator=gen, dtype=x.dtype)
+    if w is None:
+        return dsm_loss(model, schedule, x, tt, cond, gen)
+    # weighted DSM: sum_i w_i |eps_theta(x_t,i) - eps_i|^2 (the paper's weighted samples)
+    return sum(w[i] * dsm_loss(model, schedule, x[i:i + 1], tt[i:i + 1], cond, gen) for i in range(n))
+
+
+class _Copies(torch.nn.Module):
+    """Algorithm 2's per-run copies of one eps network, each fine-tuned on its own run's samples, evaluated
+    in ONE call over stacked parameters (``torch.func.functional_call`` under ``vmap`` over the copies):
+    chains [j n, (j + 1) n) use copy j. ``copy(j)`` is copy j alone (for its fine-tuning loss), ``module(j)``
+    a standalone network with its parameters. Parameters are independent slices, so one Adam over the stacked
+    tensors is one Adam per copy."""
+
+    def __init__(self, model, copies: int):
+        from torch.func import stack_module_state
+
+        super().__init__()
+        params, buffers = stack_module_state([copy.deepcopy(model) for _ in range(copies)])
+        self.names = list(params)
+        self.stacked = torch.nn.ParameterList([torch.nn.Parameter(params[k].detach()) for k in self.names])
+        self.stacked_buffers = buffers
+        self.base = copy.deepcopy(model)
+        self.copies = copies
+        self.dim = getattr(model, "dim", None)
+
+    def _state(self, j=None):
+        p = dict(zip(self.names, self.stacked))
+        if j is None:
+            return p, self.stacked_buffers
+        return {k: v[j] for k, v in p.items()}, {k: v[j] for k, v in self.stacked_buffers.items()}
+
+    def forward(self, x, t, cond=None):
+        from torch.func import functional_call, vmap
+
+        S = self.copies
+        if x.shape[0] % S:
+            raise ValueError(f"x: {x.shape[0]} chains do not split into {S} copies of equal size")
+
+        def one(p, b, xx, tt):
+            return functional_call(self.base, (p, b), (xx, tt, cond))
+
+        xs = x.reshape((S, x.shape[0] // S) + x.shape[1:])
+        out = vmap(one)(*self._state(), xs, torch.as_tensor(t).expand(x.shape[0]).reshape(S, -1))
+        return out.reshape(x.shape)
+
+    def copy(self, j: int):
+        return lambda x, t, cond=None: torch.func.functional_call(self.base, self._state(j), (x, t, cond))
+
+    def module(self, j: int):
+        m = copy.deepcopy(self.base)
+        p, b = self._state(j)
+        m.load_state_dict({k: v.detach().clone() for k, v in {**p, **b}.items()}, strict=False)
+        return m
 
 
 def _iterate(model, schedule, objective, runs, gens, *, dim, rounds, ts, method, metrics, keep_rounds, cond, dtype,
@@ -359,10 +407,16 @@ def _iterate(model, schedule, objective, runs, gens, *, dim, rounds, ts, method,
         if not any(True for _ in getattr(model, "parameters", lambda: [])()):
             raise ValueError("finetune: Algorithm 2 needs a model with trainable parameters (a network, "
                              "not the exact score)")
-        if len(runs) != 1:
-            raise ValueError("finetune: Algorithm 2 fine-tunes one model copy per run; run them one at a time")
-        model = copy.deepcopy(model)
-        opt = torch.optim.Adam(model.parameters(), lr=finetune.lr, betas=tuple(finetune.betas))
+        if len(runs) == 1:
+            model = copy.deepcopy(model)
+            tuned = [model]
+        else:  # one copy per run, all sampled in one call
+            if len(set(sizes)) != 1:
+                raise ValueError("runs: Algorithm 2 over several runs needs the same n in every run")
+            model = _Copies(model, len(runs))
+            tuned = [model.copy(j) for j in range(len(runs))]
+        params = list(model.parameters())
+        opt = torch.optim.Adam(params, lr=finetune.lr, betas=tuple(finetune.betas))
 
     def draw(field):
         xT, noise = [], []
@@ -392,15 +446,23 @@ def _iterate(model, schedule, objective, runs, gens, *, dim, rounds, ts, method,
     for k in range(rounds):
         t0 = time.perf_counter()
         if finetune is not None and k >= finetune.start:
-            _finetune_round(model, opt, finetune, schedule, x, f, cond, gens[0])
+            model.train()
+            for _ in range(finetune.steps):
+                losses = [_finetune_loss(m, finetune, schedule, x[bounds[j]:bounds[j + 1]], f[bounds[j]:bounds[j + 1]],
+                                         cond, gen) for j, (m, gen) in enumerate(zip(tuned, gens))]
+                # the engine's one optimiser step (finite values checked); copies' losses add, their
+                # parameters are disjoint slices
+                update(losses[0] if len(losses) == 1 else sum(losses), opt, params)
+            model.eval()
         y = (g * x).sum(-1) + delta
         field = gradient_guidance(schedule, g, y, sigma_y, lookahead=lookahead, model=model, cond=cond)
         x = draw(field)
         f, g = objective_and_grad(objective, x)
         times.append(time.perf_counter() - t0)
         record(k + 1, x, f)
+    models = [model.module(j) for j in range(len(runs))] if isinstance(model, _Copies) else [model] * len(runs)
     return [OptimResult(values=values[j], metrics=mets[j], x=x[bounds[j]:bounds[j + 1]], samples=kept[j],
-                        round_times=list(times), model=model) for j in range(len(runs))]
+                        round_times=list(times), model=models[j]) for j in range(len(runs))]
 
 
 def optimize(
@@ -446,11 +508,13 @@ def optimize(
 
 def optimize_batched(model, schedule: NoiseSchedule, objective: Callable, runs: Sequence[Run], *,
                      dim: Optional[int] = None, rounds: int = 100, ts=None, method: str = "ddpm",
-                     metrics: Optional[Callable] = None, keep_rounds: Sequence[int] = (), cond=None,
-                     dtype: Optional[torch.dtype] = None) -> list:
+                     finetune: Optional[FineTune] = None, metrics: Optional[Callable] = None,
+                     keep_rounds: Sequence[int] = (), cond=None, dtype: Optional[torch.dtype] = None) -> list:
     """Algorithm 1 for several configurations sharing one model (G and G_loss, several deltas, sigma_y,
-    seeds: a list of :class:`Run`), all chains in ONE network call per step (docs/theory.md §7). Returns
-    one :class:`OptimResult` per run, equal to what ``optimize`` gives for that run alone up to the
+    seeds: a list of :class:`Run`), all chains in ONE network call per step (docs/theory.md §7). With a
+    :class:`FineTune`, Algorithm 2: every run fine-tunes its own copy of the network (runs of equal n), and
+    the copies are evaluated together over stacked parameters (``torch.func.functional_call`` + ``vmap``).
+    Returns one :class:`OptimResult` per run, equal to what ``optimize`` gives for that run alone up to the
     round-off of a larger batch; ``round_times`` are the batch's. ``metrics(x, f)`` is called per run."""
     runs = list(runs)
     if not runs or not all(isinstance(r, Run) for r in runs):
@@ -460,7 +524,7 @@ def optimize_batched(model, schedule: NoiseSchedule, objective: Callable, runs: 
     gens = [torch.Generator().manual_seed(int(r.seed)) for r in runs]
     return _iterate(model, schedule, objective, runs, gens, dim=_dim_of(model, objective, dim), rounds=rounds,
                     ts=ts, method=method, metrics=metrics, keep_rounds=keep_rounds, cond=cond,
-                    dtype=dtype or _dtype_of(model))
+                    dtype=dtype or _dtype_of(model), finetune=finetune)
 
 
 def algorithm1(model, schedule, objective, **kw) -> OptimResult:

@@ -8,7 +8,8 @@ record (:class:`Solver`: its step function, whether it is stochastic for a given
 order); :func:`sample` is the only loop, :func:`replay` re-evaluates the transitions of a stored
 trajectory in one batched call (path KL, policy-gradient log-probabilities). Guidance enters through the
 score, eps_total = eps(x, t, cond) - sigma(t) * guidance(x, t, eps) (docs/theory.md §2, §6). Schedule
-coefficients along a grid are computed once per grid in the working dtype (:func:`grid_points`).
+coefficients along a grid, and the solver's per-step coefficients, are computed once per grid in the
+working dtype and kept for the next pass on the same grid (:func:`grid_points`).
 The two knobs fine-tuning needs are arguments of the loop: ``grad_steps`` (gradients only through the
 last K steps; the earlier ones run under ``torch.no_grad``) and ``checkpoint`` (re-materialise each step
 in the backward pass). With a ``reference`` eps model the loop also accumulates the discretised path KL
@@ -17,13 +18,13 @@ to it (docs/theory.md §4).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .param import eps_to_x0
 from .schedules import DiscreteVP, NoiseSchedule, as_time
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "time_grid",
     "transition",
     "gaussian_log_prob",
+    "ddim_coefs",
     "ddim_step",
     "ddpm_step",
     "em_step",
@@ -56,8 +58,7 @@ __all__ = [
 # ----------------------------------------------------------------------------- schedule coefficients
 
 
-@dataclass(frozen=True)
-class ScheduleAt:
+class ScheduleAt(NamedTuple):
     """The schedule at time t, in the working dtype (docs/theory.md §1): t (B,) as the network sees it,
     and alpha, sigma, sigma^2, beta either 0-d (one time for the whole batch, as on a grid) or (B,)."""
 
@@ -69,7 +70,7 @@ class ScheduleAt:
 
     def where(self, cond: torch.Tensor, other: "ScheduleAt") -> "ScheduleAt":
         """Per sample: ``other`` where ``cond`` (B,) holds, else self."""
-        return ScheduleAt(*(torch.where(cond, getattr(other, f.name), getattr(self, f.name)) for f in fields(self)))
+        return ScheduleAt._make(torch.where(cond, b, a) for a, b in zip(self, other))
 
 
 def schedule_at(schedule: NoiseSchedule, t: torch.Tensor) -> ScheduleAt:
@@ -84,10 +85,47 @@ def grid_points(schedule: NoiseSchedule, ts: torch.Tensor, batch: int, dtype: to
     """The schedule at every time of the grid ``ts``, computed once per grid in the working dtype
     (the same elementwise arithmetic as per-step calls; no per-step float64 interpolation): a list of
     len(ts) :class:`ScheduleAt` with t expanded to (batch,) and 0-d coefficients."""
+    return _grid(schedule, ts, batch, dtype, device)[1]
+
+
+def _grid(schedule, ts, batch, dtype, device):
     t = ts.to(dtype=dtype, device=device)
     at = schedule_at(schedule, t)
     cols = [c.unbind(0) for c in (at.alpha, at.sigma, at.sigma2, at.beta)]
-    return [ScheduleAt(t[i].expand(batch), *(c[i] for c in cols)) for i in range(t.numel())]
+    return at, [ScheduleAt(t[i].expand(batch), *(c[i] for c in cols)) for i in range(t.numel())]
+
+
+_GRID_CACHE: "OrderedDict" = OrderedDict()
+
+
+def _grid_for(schedule, ts, batch, dtype, device, sv, eta):
+    """(grid points, per-step solver coefficients) of a sampling pass, computed once per grid and kept for
+    the next passes on the same grid (Algorithm 1 runs hundreds); a few grids are kept, least recent out.
+    Nothing here is modified in place by the solver."""
+    key = (id(schedule), ts.detach().cpu().numpy().tobytes(), ts.numel(), batch, dtype, str(device), sv.name,
+           float(eta))
+    hit = _GRID_CACHE.get(key)
+    if hit is not None and hit[0] is schedule:
+        _GRID_CACHE.move_to_end(key)
+        return hit[1], hit[2]
+    with torch.inference_mode(False), torch.no_grad():  # plain constants, usable in any later grad mode
+        along, points = _grid(schedule, ts, batch, dtype, device)
+        coefs = _step_coefs(sv, along, eta)
+    _GRID_CACHE[key] = (schedule, points, coefs)
+    while len(_GRID_CACHE) > 16:
+        _GRID_CACHE.popitem(last=False)
+    return points, coefs
+
+
+def _step_coefs(sv, at: ScheduleAt, eta: float) -> list:
+    """Per step i of a grid (``at`` along the grid), the solver's coefficients as 0-d tensors, or Nones."""
+    n = at.t.numel() - 1
+    if sv.coefs is None:
+        return [None] * n
+    head = ScheduleAt._make(v[:-1] for v in at)
+    tail = ScheduleAt._make(v[1:] for v in at)
+    per = [c.unbind(0) for c in sv.coefs(head, tail, eta)]
+    return [tuple(c[i] for c in per) for i in range(n)]
 
 
 def _bc(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -176,37 +214,45 @@ def reverse_drift(x: torch.Tensor, eps: torch.Tensor, at: ScheduleAt, h=1.0, ode
 
 
 # ----------------------------------------------------------------------------- step functions
-# Each maps (x_t, eps_fn, at_t, at_s, eta) -> (mean, std) of the transition to time s < t.
+# Each maps (x_t, eps_fn, at_t, at_s, eta, coefs) -> (mean, std) of the transition to time s < t; std is one
+# number per sample (0-d or (B, 1, ...)), broadcast against mean (``transition``, ``replay`` and ``sample``
+# return it expanded to mean's shape).
 
 
-def ddim_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0):
-    """DDIM(eta) (Song et al. 2021, eq. 12; docs/theory.md §3): x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2)
-    eps + c z, c = eta sqrt(sigma_s^2/sigma_t^2 (1 - alpha_t^2/alpha_s^2)). eta = 1 is DDPM's ancestral
-    step (the mean is the posterior mean of q(x_s | x_t, x0_hat)); eta = 0 the exponential integrator of
-    the probability-flow ODE."""
-    eps = eps_fn(x, at_t)
+def ddim_coefs(at_t: ScheduleAt, at_s: ScheduleAt, eta: float):
+    """DDIM(eta)'s step t -> s as x_s = c_x x_t + c_eps eps + c z (docs/theory.md §3; Song et al. 2021, eq. 12):
+    c = eta sqrt(sigma_s^2/sigma_t^2 (1 - alpha_t^2/alpha_s^2)), and alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps
+    with Tweedie's x0_hat = (x_t - sigma_t eps) / alpha_t gives c_x = alpha_s / alpha_t,
+    c_eps = sqrt(sigma_s^2 - c^2) - alpha_s sigma_t / alpha_t. Computed once per grid by ``sample``."""
     a_t, a_s, s2_t, s2_s = at_t.alpha, at_s.alpha, at_t.sigma2, at_s.sigma2
-    x0 = eps_to_x0(x, eps, a_t, at_t.sigma)
-    c2 = eta**2 * s2_s / s2_t * (1 - (a_t / a_s) ** 2)
-    c2 = torch.clamp(c2, min=0.0)
-    mean = _bc(a_s, x) * x0 + _bc(torch.sqrt(torch.clamp(s2_s - c2, min=0.0)), x) * eps
-    return mean, _bc(torch.sqrt(c2), x).expand_as(mean) if eta > 0 else torch.zeros_like(mean)
+    c2 = torch.clamp(eta**2 * s2_s / s2_t * (1 - (a_t / a_s) ** 2), min=0.0)
+    c_x = a_s / a_t
+    return c_x, torch.sqrt(torch.clamp(s2_s - c2, min=0.0)) - c_x * at_t.sigma, torch.sqrt(c2)
 
 
-def ddpm_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 1.0):
+def ddim_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0, coefs=None):
+    """DDIM(eta) (Song et al. 2021, eq. 12; docs/theory.md §3): x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2)
+    eps + c z (``ddim_coefs``). eta = 1 is DDPM's ancestral step (the mean is the posterior mean of
+    q(x_s | x_t, x0_hat)); eta = 0 the exponential integrator of the probability-flow ODE."""
+    c_x, c_e, c = ddim_coefs(at_t, at_s, eta) if coefs is None else coefs
+    eps = eps_fn(x, at_t)
+    return torch.addcmul(_bc(c_x, x) * x, _bc(c_e, x), eps), _bc(c, x)
+
+
+def ddpm_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 1.0, coefs=None):
     """DDPM's ancestral step (Ho et al. 2020, eq. 11) = DDIM with eta = 1 (the ``eta`` argument is ignored)."""
-    return ddim_step(x, eps_fn, at_t, at_s, 1.0)
+    return ddim_step(x, eps_fn, at_t, at_s, 1.0, coefs)
 
 
-def em_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0):
+def em_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0, coefs=None):
     """Euler-Maruyama on the reverse SDE (docs/theory.md §3), step h = t - s > 0:
     x_s = x_t + h beta (x_t/2 + score_total) + sqrt(beta h) z."""
     h = at_t.t - at_s.t
     mean = x + reverse_drift(x, eps_fn(x, at_t), at_t, h)
-    return mean, _bc(torch.sqrt(at_t.beta * h), x).expand_as(mean)
+    return mean, _bc(torch.sqrt(at_t.beta * h), x)
 
 
-def heun_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0):
+def heun_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float = 0.0, coefs=None):
     """Heun's method on the probability-flow ODE dx/d(-t) = beta (x + score) / 2 (Karras et al. 2022,
     Alg. 1; docs/theory.md §3); an Euler step where s reaches 0, where the score of singular data is undefined."""
     h = _bc(at_t.t - at_s.t, x)
@@ -214,25 +260,27 @@ def heun_step(x, eps_fn: EpsFn, at_t: ScheduleAt, at_s: ScheduleAt, eta: float =
     x_e = x + h * d1
     last = at_s.t <= 0
     if bool(last.all()):
-        return x_e, torch.zeros_like(x_e)
+        return x_e, torch.zeros((), dtype=x.dtype, device=x.device)
     mixed = bool(last.any())  # a batched replay over several steps: the corrector at t where s = 0, then dropped
     at_c = at_s.where(last, at_t) if mixed else at_s
     x_h = x + h * 0.5 * (d1 + reverse_drift(x_e, eps_fn(x_e, at_c), at_c, ode=True))
     if mixed:
         x_h = torch.where(_bc(last, x), x_e, x_h)
-    return x_h, torch.zeros_like(x_h)
+    return x_h, torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 @dataclass(frozen=True)
 class Solver:
     """A solver (docs/theory.md §3), declared as torchsde declares its methods: the step function
-    ``step(x, eps_fn, at_t, at_s, eta) -> (mean, std)``, whether the step is stochastic for a given eta,
-    and its declared weak order."""
+    ``step(x, eps_fn, at_t, at_s, eta, coefs=None) -> (mean, std)``, whether the step is stochastic for a
+    given eta, its declared weak order, and ``coefs(at_t, at_s, eta)``: the step's schedule coefficients,
+    which ``sample`` computes once per grid for all steps (None: the step needs none beyond ``ScheduleAt``)."""
 
     name: str
     step: Callable
     stochastic: Callable[[float], bool]
     order: float
+    coefs: Optional[Callable] = None
 
     def is_stochastic(self, eta: float = 0.0) -> bool:
         return bool(self.stochastic(eta))
@@ -244,8 +292,8 @@ class Solver:
 
 
 SOLVERS = {
-    "ddim": Solver("ddim", ddim_step, lambda eta: eta > 0, 1.0),
-    "ddpm": Solver("ddpm", ddpm_step, lambda eta: True, 1.0),
+    "ddim": Solver("ddim", ddim_step, lambda eta: eta > 0, 1.0, ddim_coefs),
+    "ddpm": Solver("ddpm", ddpm_step, lambda eta: True, 1.0, lambda at_t, at_s, eta: ddim_coefs(at_t, at_s, 1.0)),
     "em": Solver("em", em_step, lambda eta: True, 1.0),
     "heun": Solver("heun", heun_step, lambda eta: False, 2.0),
 }
@@ -327,7 +375,8 @@ def transition(model, schedule: NoiseSchedule, x: torch.Tensor, t, s, *, method:
     or (B,) tensors). Stored trajectories are re-evaluated with :func:`replay`."""
     sv = solver(method)
     at_t, at_s = schedule_at(schedule, as_time(t, x)), schedule_at(schedule, as_time(s, x))
-    return sv.step(x, guided_eps(model, cond, guidance), at_t, at_s, eta)
+    mean, std = sv.step(x, guided_eps(model, cond, guidance), at_t, at_s, eta)
+    return mean, std.expand_as(mean)
 
 
 class Transitions(NamedTuple):
@@ -406,7 +455,7 @@ def replay(model, schedule: NoiseSchedule, xs, ts, *, method: str = "ddim", eta:
         eps_fn = guided_eps(model, cond if k == 1 else _tile(cond, k, B), guidance)
         m, s = sv.step(X[i0:i1].flatten(0, 1), eps_fn, at_t, at_s, eta)
         means.append(m.view((k, B) + m.shape[1:]))
-        stds.append(s.reshape((k, B) + s.shape[1:]))
+        stds.append(s.expand_as(m).reshape((k, B) + m.shape[1:]))
     return Transitions(torch.cat(means), torch.cat(stds))
 
 
@@ -453,6 +502,8 @@ class _GradWindow:
     def enter(self, x: torch.Tensor, i: int) -> torch.Tensor:
         """The state entering step i >= first, cut from the graph where that sample's window starts
         (i <= n - K_b: also cuts the dependence of x_i on the parameters through step i - 1)."""
+        if not self.truncated:
+            return x
         if self.per_sample_k is not None:
             keep = (i > self.n - self.per_sample_k).view((x.shape[0],) + (1,) * (x.ndim - 1))
             x = torch.where(keep, x, x.detach())
@@ -518,14 +569,14 @@ def sample(
         raise ValueError(f"noise: expected shape {(n,) + tuple(x_T.shape)}, got {tuple(noise.shape)}")
     B = x_T.shape[0]
     window = _GradWindow.of(grad_steps, n, B, x_T.device)
-    points = grid_points(schedule, ts, B, x_T.dtype, x_T.device)
+    points, coefs = _grid_for(schedule, ts, B, x_T.dtype, x_T.device, sv, eta)
     eps_fn = guided_eps(model, cond, guidance)
     ref_fn = guided_eps(reference, cond) if reference is not None else None
 
     def one_step(x, i, z):
-        mean, std = sv.step(x, eps_fn, points[i], points[i + 1], eta)
-        kl = step_kl(mean, sv.step(x, ref_fn, points[i], points[i + 1], eta)[0], std) if ref_fn else None
-        return (mean + std * z if stochastic else mean), mean, std, kl
+        mean, std = sv.step(x, eps_fn, points[i], points[i + 1], eta, coefs[i])
+        kl = step_kl(mean, sv.step(x, ref_fn, points[i], points[i + 1], eta, coefs[i])[0], std) if ref_fn else None
+        return (torch.addcmul(mean, std, z) if stochastic else mean), mean, std, kl
 
     x = x_T
     xs = [x] if keep_states else None
@@ -558,7 +609,7 @@ def sample(
             xs.append(x)
         if return_transitions:
             means.append(mean)
-            stds.append(std)
+            stds.append(std.expand_as(mean))
         if kl is not None:
             kl = window.kl(kl, i)
             kl_total = kl_total + kl
