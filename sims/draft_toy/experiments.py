@@ -23,8 +23,16 @@ from theory.engine import make_strategy
 from theory.solvers import sample
 
 from . import model as toy
-from .configs import (CompareConfig, DiversityConfig, GradKConfig, LoraConfig, Method, PretrainConfig,
-                      RewardConfig, TrainConfig)
+from .configs import (
+    CompareConfig,
+    DiversityConfig,
+    GradKConfig,
+    LoraConfig,
+    Method,
+    PretrainConfig,
+    RewardConfig,
+    TrainConfig,
+)
 from .metrics import evaluate, fixed_noise, kl_regularised_optimum
 from .rewards import make_reward
 

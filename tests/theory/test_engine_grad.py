@@ -18,8 +18,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from theory.engine import (DDPO, Adjoint, DRaFT, DRaFTK, DRaFTLV, FinetuneConfig, ReFL, SteeredModel,
-                           normalise_per_condition, objective, ppo_loss)
+from theory.engine import (
+    DDPO,
+    Adjoint,
+    DRaFT,
+    DRaFTK,
+    DRaFTLV,
+    FinetuneConfig,
+    ReFL,
+    SteeredModel,
+    normalise_per_condition,
+    objective,
+    ppo_loss,
+)
 from theory.nets import EpsMLP
 from theory.schedules import LinearVP
 from theory.solvers import time_grid
@@ -314,7 +325,7 @@ def test_ddpo_first_inner_step_is_the_policy_gradient_and_ratio_is_one():
     """With the parameters unchanged, every PPO ratio is exactly 1 and the clipped surrogate's gradient is
     the REINFORCE gradient -mean_{i,b} A_b grad log p_theta(x_{i+1,b} | x_{i,b}) (DDPO eq. 3), the
     log-probabilities written out by hand (Gaussian of the hand DDIM step)."""
-    from theory.engine import _Ctx
+    from theory.engine import StepContext as _Ctx
 
     n = 4
     model = tiny_model()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from theory.engine import DDPO, DRaFTK, FinetuneConfig, NonFiniteRewardError, SteeredModel, finetune
-from theory.lora import load_lora, save_lora, set_active_adapters, set_lora_scale, add_lora
+from theory.lora import add_lora, load_lora, save_lora, set_active_adapters, set_lora_scale
 from theory.nets import EpsMLP
 from theory.schedules import LinearVP
 

@@ -14,11 +14,24 @@ from .config import RESUMABLE_FIELDS, FinetuneConfig, History, lr_factor
 from .distributed import Distributed, SingleProcess
 from .loop import NonFiniteError, Update, finetune, objective, update
 from .steered import PromptLabel, Steered, SteeredModel, trainable_dtype
-from .strategies import (DDPO, STRATEGIES, Adjoint, DRaFT, DRaFTK, DRaFTLV, NonFiniteRewardError, ReFL,
-                         StepContext, StepResult, Strategy, make_strategy, normalise_per_condition, ppo_loss,
-                         renoise, strategy_name)
-
-_Ctx = StepContext  # the name the older analyses use
+from .strategies import (
+    DDPO,
+    STRATEGIES,
+    Adjoint,
+    DRaFT,
+    DRaFTK,
+    DRaFTLV,
+    NonFiniteRewardError,
+    ReFL,
+    StepContext,
+    StepResult,
+    Strategy,
+    make_strategy,
+    normalise_per_condition,
+    ppo_loss,
+    renoise,
+    strategy_name,
+)
 
 __all__ = [
     "SteeredModel", "Steered", "PromptLabel", "trainable_dtype",
