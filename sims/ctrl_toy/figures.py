@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from theory.nets import DSMConfig
 from theory.registry import figure
 
 from . import data
-from .configs import CompareConfig, EfficiencyConfig, GammaConfig, TwoLabelConfig
+from .configs import CompareConfig, EfficiencyConfig, GammaConfig, ToyConfig, TwoLabelConfig
 from .experiments import compare, efficiency, gamma_sweep, two_labels
 
 PANEL_METHODS = ("exact target (floor)", "CTRL", "classifier guidance", "DPS", "CFG")
@@ -43,32 +44,62 @@ def _scatter(ax, pts, color):
     ax.scatter(p[:, 0], p[:, 1], s=2, alpha=0.5, color=color)
 
 
-@figure("ctrl_toy_density", "CTRL toy: exact target p(y|x)^gamma p(x) vs CTRL, classifier guidance, DPS, CFG per label")
-def fig_density(quick: bool = False):
+#: samples per panel kept in the JSON (the panels draw these), rounded to 1e-3
+N_DRAWN = 1000
+
+
+def _drawn(pts) -> list:
+    """The first ``N_DRAWN`` samples of a panel, rounded to 3 decimals, as the JSON keeps them."""
+    return np.round(np.asarray(pts, dtype=float)[:N_DRAWN], 3).tolist()
+
+
+def _toy(d: dict) -> ToyConfig:
+    """The ToyConfig recorded in a JSON (lists back to tuples, the nested DSMConfig rebuilt)."""
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    kw["dsm"] = DSMConfig(**d["dsm"])
+    return ToyConfig(**kw)
+
+
+def draw_density(d: dict):
+    """ctrl_toy_density from its JSON: per label kind (rows) and method (columns) the samples of the drawn
+    class over the exact target (recomputed on the grid from the recorded toy config: closed form)."""
     import matplotlib.pyplot as plt
 
-    cfg = CompareConfig.quick() if quick else CompareConfig()
-    res = compare(cfg)
-    rows = list(res["labels"])
-    fig, axes = plt.subplots(len(rows), len(PANEL_METHODS), figsize=(3 * len(PANEL_METHODS), 3 * len(rows)), squeeze=False)
-    numbers = {}
-    for i, kind in enumerate(rows):
-        lab = data.true_label(kind, cfg.toy)
-        c = 1 if kind == "halfplane" else lab.n_classes - 1  # the rarest class: the hardest target
-        ms = res["labels"][kind]["methods"]
+    toy, panels = _toy(d["config"]["toy"]), d["panels"]
+    kinds = list(panels)
+    fig, axes = plt.subplots(len(kinds), len(PANEL_METHODS), figsize=(3 * len(PANEL_METHODS), 3 * len(kinds)),
+                             squeeze=False)
+    for i, kind in enumerate(kinds):
+        c, lab = panels[kind]["class"], data.true_label(kind, toy)
         for j, name in enumerate(PANEL_METHODS):
             ax = axes[i, j]
-            _show_target(ax, lab, c, res["gamma"], cfg.toy)
-            if name in ms and "samples" in ms[name]:
-                _scatter(ax, ms[name]["samples"][c], f"C{j}")
-                kl = ms[name]["kl_per_class"][c]
-                ax.set_title(f"{name}\n{kind}, y={c}: KL={kl:.3f}", fontsize=8)
-                numbers[f"{kind}/{name}/kl_y{c}"] = kl
+            _show_target(ax, lab, c, d["gamma"], toy)
+            if name in panels[kind]["samples"]:
+                _scatter(ax, panels[kind]["samples"][name], f"C{j}")
+                ax.set_title(f"{name}\n{kind}, y={c}: KL={d['numbers'][f'{kind}/{name}/kl_y{c}']:.3f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"gamma={res['gamma']}, {res['n_offline']} offline pairs; grey: exact target, dots: samples")
+    fig.suptitle(f"gamma={d['gamma']}, {d['config']['n_offline']} offline pairs; grey: exact target, dots: samples")
     fig.tight_layout()
-    return fig, dict(numbers=numbers, config=cfg)
+    return fig
+
+
+@figure("ctrl_toy_density", "CTRL toy: exact target p(y|x)^gamma p(x) vs CTRL, classifier guidance, DPS, CFG per label",
+        draw=draw_density)
+def fig_density(quick: bool = False) -> dict:
+    cfg = CompareConfig.quick() if quick else CompareConfig()
+    res = compare(cfg)
+    numbers, panels = {}, {}
+    for kind, r in res["labels"].items():
+        lab = data.true_label(kind, cfg.toy)
+        c = 1 if kind == "halfplane" else lab.n_classes - 1  # the rarest class: the hardest target
+        panels[kind] = {"class": c, "samples": {}}
+        for name in PANEL_METHODS:
+            m = r["methods"].get(name)
+            if m is not None and "samples" in m:
+                numbers[f"{kind}/{name}/kl_y{c}"] = m["kl_per_class"][c]
+                panels[kind]["samples"][name] = _drawn(m["samples"][c])
+    return dict(numbers=numbers, config=cfg, gamma=res["gamma"], panels=panels)
 
 
 def draw_table(d: dict):
@@ -149,15 +180,14 @@ def fig_efficiency(quick: bool = False) -> dict:
                 label=res["label"], gamma=res["gamma"])
 
 
-@figure("ctrl_toy_gamma", "CTRL toy: gamma sweep, trained at one gamma and rescaled at inference (appendix B)")
-def fig_gamma(quick: bool = False):
+def draw_gamma(d: dict):
+    """ctrl_toy_gamma from its JSON: KL and E log p(y|x) against the inference gamma, and per gamma the
+    samples of the drawn class over the exact target (recomputed from the recorded toy config)."""
     import matplotlib.pyplot as plt
 
-    cfg = GammaConfig.quick() if quick else GammaConfig()
-    res = gamma_sweep(cfg)
-    rows = res["rows"]
+    rows, toy = d["rows"], _toy(d["config"]["base"]["toy"])
     g = [r["gamma"] for r in rows]
-    lab = data.true_label(res["label"], cfg.base.toy)
+    lab = data.true_label(d["label"], toy)
     c = lab.n_classes - 1
     fig, axes = plt.subplots(1, 2 + len(rows), figsize=(4 * (2 + len(rows)), 3.8))
     axes[0].plot(g, [r["ctrl_kl"] for r in rows], "o-", label="CTRL rescaled (w = gamma/gamma_train)")
@@ -171,42 +201,64 @@ def fig_gamma(quick: bool = False):
     for ax in axes[:2]:
         ax.set_xscale("log")
         ax.set_xlabel("gamma at inference")
-        ax.axvline(res["gamma_train"], color="grey", lw=0.5)
+        ax.axvline(d["gamma_train"], color="grey", lw=0.5)
         ax.legend(fontsize=7)
-    for ax, r in zip(axes[2:], rows):
-        _show_target(ax, lab, c, r["gamma"], cfg.base.toy)
-        _scatter(ax, r["samples"][c], "C0")
+    for ax, r, pts in zip(axes[2:], rows, d["drawn"]):
+        _show_target(ax, lab, c, r["gamma"], toy)
+        _scatter(ax, pts, "C0")
         ax.set_title(f"gamma={r['gamma']} (w={r['w']:.2g}), y={c}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"label {res['label']}, CTRL trained at gamma={res['gamma_train']}")
+    fig.suptitle(f"label {d['label']}, CTRL trained at gamma={d['gamma_train']}")
     fig.tight_layout()
-    return fig, dict(rows=_strip(rows), gamma_train=res["gamma_train"], config=cfg)
+    return fig
 
 
-@figure("ctrl_toy_two_labels", "CTRL toy: two conditionally independent labels at once from two classifiers")
-def fig_two(quick: bool = False):
+@figure("ctrl_toy_gamma", "CTRL toy: gamma sweep, trained at one gamma and rescaled at inference (appendix B)",
+        draw=draw_gamma)
+def fig_gamma(quick: bool = False) -> dict:
+    cfg = GammaConfig.quick() if quick else GammaConfig()
+    res = gamma_sweep(cfg)
+    c = data.true_label(res["label"], cfg.base.toy).n_classes - 1
+    return dict(rows=_strip(res["rows"]), gamma_train=res["gamma_train"], config=cfg, label=res["label"],
+                drawn=[_drawn(r["samples"][c]) for r in res["rows"]])
+
+
+TWO_LABEL_METHODS = ("CTRL (two labels)", "classifier guidance (sum)")
+
+
+def draw_two(d: dict):
+    """ctrl_toy_two_labels from its JSON: per label pair, CTRL's and summed classifier guidance's samples
+    over the exact p(y1|x) p(y2|x) p(x) (recomputed from the recorded toy config)."""
     import matplotlib.pyplot as plt
 
-    cfg = TwoLabelConfig.quick() if quick else TwoLabelConfig()
-    res = two_labels(cfg)
-    rows = res["rows"]
-    l1 = data.true_label(res["labels"][0], cfg.base.toy)
-    l2 = data.true_label(res["labels"][1], cfg.base.toy)
+    rows, toy = d["rows"], _toy(d["config"]["base"]["toy"])
+    l1, l2 = data.true_label(d["labels"][0], toy), data.true_label(d["labels"][1], toy)
     fig, axes = plt.subplots(2, len(rows), figsize=(2.6 * len(rows), 5.4), squeeze=False)
-    for j, r in enumerate(rows):
-        for i, name in enumerate(("CTRL (two labels)", "classifier guidance (sum)")):
+    for j, (r, pts) in enumerate(zip(rows, d["drawn"])):
+        u, dens = data.exact_target(lambda p, r=r: l1.log_prob(p)[:, r["y1"]] + l2.log_prob(p)[:, r["y2"]], 1.0, toy)
+        for i, name in enumerate(TWO_LABEL_METHODS):
             ax = axes[i, j]
-            u, d = data.exact_target(lambda p, r=r: l1.log_prob(p)[:, r["y1"]] + l2.log_prob(p)[:, r["y2"]], 1.0, cfg.base.toy)
-            ax.imshow(d.numpy(), origin="lower", extent=[-cfg.base.toy.grid_lim, cfg.base.toy.grid_lim] * 2, cmap="Greys")
+            ax.imshow(dens.numpy(), origin="lower", extent=[-toy.grid_lim, toy.grid_lim] * 2, cmap="Greys")
             ax.set_xlim(-3.5, 3.5)
             ax.set_ylim(-3.5, 3.5)
-            _scatter(ax, r["samples"][name], f"C{i}")
+            _scatter(ax, pts[name], f"C{i}")
             ax.set_title(f"{'CTRL' if i == 0 else 'CG sum'} y1={r['y1']},y2={r['y2']}\nKL={r['kl'][name]:.2f}", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"two labels ({res['labels'][0]} x {res['labels'][1]}); grey: exact p(y1|x) p(y2|x) p(x)")
+    fig.suptitle(f"two labels ({d['labels'][0]} x {d['labels'][1]}); grey: exact p(y1|x) p(y2|x) p(x)")
     fig.tight_layout()
+    return fig
+
+
+@figure("ctrl_toy_two_labels", "CTRL toy: two conditionally independent labels at once from two classifiers",
+        draw=draw_two)
+def fig_two(quick: bool = False) -> dict:
+    cfg = TwoLabelConfig.quick() if quick else TwoLabelConfig()
+    res = two_labels(cfg)
+    rows = res["rows"]
     means = {name: float(np.mean([r["kl"][name] for r in rows])) for name in rows[0]["kl"]}
     acc = {name: float(np.mean([r["acc_joint"][name] for r in rows])) for name in rows[0]["acc_joint"]}
-    return fig, dict(mean_kl=means, mean_joint_accuracy=acc, rows=_strip(rows), train_seconds=res["train_seconds"], config=cfg)
+    return dict(mean_kl=means, mean_joint_accuracy=acc, rows=_strip(rows), train_seconds=res["train_seconds"],
+                config=cfg, labels=res["labels"], drawn=[{n: _drawn(r["samples"][n]) for n in TWO_LABEL_METHODS}
+                                                         for r in rows])
