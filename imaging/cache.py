@@ -1,33 +1,22 @@
-"""The package's on-disk cache: where generated artefacts (the trained digits pipeline) live, and an
-atomic, lock-protected way to build one.
-
-The root is ``$DIFFSTEER_CACHE`` when set, else the platform's user cache folder (``$XDG_CACHE_HOME`` or
-``~/.cache`` on Linux, ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows) + ``/diffsteer``.
+"""Building cached artefacts (the trained digits pipeline) atomically under a lock. Where the cache is
+lives in one place, ``theory.cache.cache_dir`` (``$DIFFSTEER_CACHE`` or the platform's user cache folder).
 """
 from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from theory.cache import cache_dir
 
 __all__ = ["atomic_build", "cache_root"]
 
 
 def cache_root() -> Path:
-    """The cache folder (not created here)."""
-    env = os.environ.get("DIFFSTEER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "diffsteer"
+    """The cache folder (not created here): ``theory.cache.cache_dir()``."""
+    return cache_dir()
 
 
 def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],

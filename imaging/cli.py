@@ -234,10 +234,11 @@ def add_digits_parser(sub) -> None:
     d.add_argument("--vae-steps", type=int, default=None, help="VAE training steps (default 150)")
     d.add_argument("--seed", type=int, default=None, help="training seed (default 0)")
     d.add_argument("--eval-n", type=int, default=None, help="samples per digit for the judged accuracy (default 50)")
-    d.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: torch's; 1 is fastest on a shared or busy machine)")
+    d.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch threads for this process (default: 1, the fastest for these small networks on a "
+                        "shared machine; see diffsteer.runtime)")
     d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(func=run_digits_pipeline_cmd)
+    d.set_defaults(func=run_digits_pipeline_cmd, default_threads=1)  # diffsteer's main sets the threads
 
 
 def run_digits_pipeline_cmd(args) -> int:
@@ -245,16 +246,11 @@ def run_digits_pipeline_cmd(args) -> int:
     from dataclasses import replace
 
     over = {"unet_steps": args.steps, "vae_steps": args.vae_steps, "seed": args.seed, "eval_n_per_class": args.eval_n}
-    for opt, v in (("--steps", args.steps), ("--vae-steps", args.vae_steps), ("--eval-n", args.eval_n),
-                   ("--threads", args.threads)):
+    for opt, v in (("--steps", args.steps), ("--vae-steps", args.vae_steps), ("--eval-n", args.eval_n)):
         if v is not None and v < 1:
             raise ValueError(f"{opt}: must be >= 1, got {v}")
-    import torch
-
     from .digits_pipeline import INFO_FILE, DigitsPipelineConfig, ensure_digits_pipeline
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     cfg = replace(DigitsPipelineConfig(), **{k: v for k, v in over.items() if v is not None})
     path = ensure_digits_pipeline(cfg, progress=not args.no_progress, out=args.out)
     info = json.loads((path / INFO_FILE).read_text())
