@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "to_strict_json", "file_mode"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "to_strict_json", "file_mode",
+           "check_writable"]
 
 PathLike = Union[str, Path]
 
@@ -102,3 +103,19 @@ def atomic_save_tensors(tensors: dict, path: PathLike, metadata: Optional[dict] 
         raise ValueError("metadata: safetensors metadata must map str to str")
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _atomic(path, lambda tmp: save_file(data, tmp, metadata=metadata))
+
+
+def check_writable(folder: PathLike, name: str = "out") -> Path:
+    """Create ``folder`` if needed and check that a file can be written there, before any work; a
+    ValueError naming the argument ``name`` otherwise. Returns the folder."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{name}: {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffsteer-write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{name}: cannot write into {folder} ({e.strerror or e}); give a writable folder") from None
+    return folder

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from .cache import cache_dir  # the one cache-folder helper (re-exported)
+from .io import atomic_save_tensors
 from .progress import report
 from .schedules import NoiseSchedule, append_dims, as_time
 
@@ -156,7 +156,7 @@ def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable
     """Return ``build()`` with weights loaded from the cache entry for (name, key), training it with
     ``train(model)`` and saving it (atomically, safetensors) on a miss. ``key`` must describe every
     setting that changes the weights (data, architecture, training config, seed)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.safetensors"
@@ -165,8 +165,5 @@ def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     train(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_save_tensors(model.state_dict(), path)
     return model.eval()

@@ -33,15 +33,13 @@ import importlib.util
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json, check_writable
 
 __all__ = ["FigureSpec", "FIGURES", "figure", "load", "ordered_names", "to_jsonable", "code_hash", "is_current",
            "recorded_wall_time", "check_writable", "run_figures", "replot_figures", "FIRST_PARTY"]
@@ -201,20 +199,6 @@ def _code_hash(module: str) -> str:
 
 
 # --- output folder, current outputs, recorded costs -------------------------------------------------------
-
-def check_writable(out: Path) -> None:
-    """Create ``out`` if needed and check that a file can be written there, before any work."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out: {out} is a file; give a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".diffsteer-write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"out: cannot write into {out} ({e.strerror or e}); give a writable folder") from None
-
 
 def _read_record(path: Path) -> Optional[dict]:
     try:

@@ -204,3 +204,16 @@ def test_interrupted_runs_resume_bitwise(tmp_path_factory, kill_step, kill_write
     for n in want_params:
         assert torch.equal(got[n], want_params[n]), n
     assert _rows(h) == want_rows
+
+
+def test_unwritable_out_dir_fails_before_any_work(tmp_path):
+    calls = []
+
+    def counting(x0, cond=None):
+        calls.append(1)
+        return toward(x0)
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="out_dir: .* is a file"):
+        finetune(_model(), SCH, counting, DRaFTK(1), _cfg(out_dir=str(tmp_path / "file")), x_T_sampler=_sampler)
+    assert not calls

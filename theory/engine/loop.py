@@ -8,8 +8,6 @@ non-finite reaches a checkpoint.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -17,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..io import check_writable
 from ..schedules import NoiseSchedule
 from ..solvers import check_grid, time_grid
 from .checkpoint import find_checkpoint, load_checkpoint, run_settings, save_checkpoint
@@ -188,11 +187,7 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
         x_T_sampler = _default_x_T_sampler(model, config, shape)
     out_dir = Path(config.out_dir) if config.out_dir is not None else None
     if out_dir is not None and dist.is_main:  # fail before any work if the folder cannot be written
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"out_dir: {out_dir} is a file; give a folder")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if not _writable(out_dir):
-            raise ValueError(f"out_dir: {out_dir} is not writable; choose another folder")
+        check_writable(out_dir, "out_dir")
 
     groups = _param_groups(model, config)
     group_ids = {id(p) for g in groups for p in g["params"]}
@@ -281,13 +276,3 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
     if out_dir is not None and dist.is_main:
         history.to_json(out_dir / "history.json")
     return history
-
-
-def _writable(folder: Path) -> bool:
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test-")
-    except OSError:
-        return False
-    os.close(fd)
-    os.remove(tmp)
-    return True
