@@ -20,7 +20,7 @@ __all__ = ["experiment", "QUICK_OVERRIDES", "draw_compress", "draw_multitask"]
 
 #: reduced settings of the quick figures (the full ones are the config file's).
 QUICK_OVERRIDES = dict(n_offline=256, clf_steps=150, steps=16, batch_size=4, sample_steps=10, truncation_k=3,
-                       n_eval=6, curve_every=8, curve_n=3, dps_strengths=(1.0, 4.0), cfg_weights=(2.0,),
+                       n_eval=6, curve_every=8, curve_n=3, dps_strengths=(10.0, 100.0), cfg_weights=(2.0,),
                        ckpt_every=8)
 _RUNS: dict = {}
 _GRID_N = 3  # samples per class in the grid
