@@ -12,7 +12,7 @@ import sys
 from .runtime import add_threads_option, configure_threads
 
 #: modules contributing subcommands (imaging's need only argparse at import time).
-COMMAND_MODULES = ["diffsteer.cmd_figures", "imaging.cli", "imaging.cli_ctrl"]
+COMMAND_MODULES = ["diffsteer.cmd_figures", "imaging.cli", "imaging.cli_ctrl", "imaging.cli_guide"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,481 @@
+"""Gradient guidance as an optimiser on an image pipeline (Guo et al., NeurIPS 2024; docs/theory.md §7, §8).
+
+One experiment, a function of a frozen :class:`GuideConfig` and a diffusers SD-style pipeline (the digits
+pipeline trained here by default; a user's local Stable Diffusion v1.5 with ``configs/guide_sd15.json``):
+
+1. **Context** (``build_context``): the pipeline's UNet with one prompt and classifier-free guidance as an eps
+   model over latents (``imaging.pipeline.LatentEps``), seen by the solvers as an eps model over FLAT latents
+   (``FlatEps``: Algorithms 1 and 2 of ``theory.gradient_guidance`` work on (B, D) samples and per-sample
+   gradients g (B, D)); the reward on latents through the VAE decoder, docs/theory.md (8.1).
+2. **Reference** (``reference``): ``pca_n`` latents of the pre-trained pipeline (unguided, the config's
+   sampler). Their reward mean and standard deviation standardise the objective,
+   f(x) = (r(x) - mean_0) / sd_0, so guidance strengths (Algorithm 1's per-round increase delta) and the
+   reward-noise level sigma_y are in units of the pre-trained reward's spread, whatever the reward's scale
+   (G and G_loss are unchanged by this affine map when delta and sigma_y scale with sd_0). A PCA of the same
+   latents gives the data subspace: the top k principal directions U holding ``pca_var`` of the variance.
+3. **Algorithm 1** (``theory.gradient_guidance.optimize_batched``) for every (guidance, strength) pair, all
+   chains in ONE network call per step, every configuration from the same x_T and noise (common random
+   numbers: round 0 is the same pre-trained batch for all); or **Algorithm 2** (``algorithm=2``: score
+   fine-tuning of a copy of the UNet per configuration on the previous round's samples, through the
+   engine's optimiser step).
+4. **Per round and configuration**: the reward (raw and standardised), the true JPEG size, the off-subspace
+   energy fraction of each latent, |P_perp (x - m)|^2 / |x - m|^2 with P_perp = I - U U^T and m the
+   reference mean (the image analogue of r_off, docs/theory.md (5.11): fraction = r^2 / (1 + r^2) for
+   r = r_off of the centred latent), and, on the digits pipeline, the judge's probability of the prompt's
+   digit (realism); samples of chosen rounds for the grids.
+5. **Runtime** (``time_rounds``): one unguided pass, one round with G and one with G_loss (pass + the reward
+   gradient), same chains, timed apart: the gradient-guidance paper's runtime table row for images.
+
+Every result is plain JSON-serialisable data; ``run`` writes ``out/results.json`` and ``out/samples.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["GuideConfig", "load_config", "FlatEps", "build_context", "reference", "off_subspace_fraction",
+           "time_rounds", "run", "CONFIG_DIR", "METHODS"]
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+METHODS = ("G", "G_loss")
+SAMPLERS = ("ddpm", "ddim", "em")
+
+
+# ============================================================================ configuration
+
+
+@dataclass(frozen=True)
+class GuideConfig:
+    """One gradient-guidance experiment on an image pipeline. Defaults are the digits pipeline's quick-ish
+    setting; the SD v1.5 setting is ``imaging/configs/guide_sd15.json``.
+
+    Pipeline: ``model`` (local diffusers folder; None = the digits pipeline), ``prompt`` (one),
+    ``guidance_scale`` (CFG), ``steps`` of ``method`` ('ddpm' = ancestral, the paper's sampler) on the
+    scheduler's grid, ``dtype`` of the frozen weights, ``device``, ``image_size`` (None = the UNet's).
+    Reward: ``reward`` (a name of ``imaging.rewards.make_reward``) with ``reward_kwargs``.
+    Algorithm: ``methods`` ('G', 'G_loss'), ``strengths`` (delta per round in units of the pre-trained
+    reward's standard deviation), ``sigma_y`` (same units), ``rounds``, ``n`` chains per configuration,
+    ``algorithm`` 1 or 2 (with ``ft_start``, ``ft_steps``, ``ft_lr``: Algorithm 2's score fine-tuning).
+    Measures: ``pca_n`` reference latents, ``pca_var`` variance held by the top-k directions,
+    ``jpeg_upscale`` for the true JPEG size, ``grid_n`` samples kept per configuration at ``grid_rounds``
+    (None = 0, 1/3, 2/3 and the last round), ``batch`` for reference sampling and decoding,
+    ``timing`` (the runtime row), ``seed``.
+    """
+
+    model: Optional[str] = None
+    prompt: str = "a handwritten digit 3"
+    guidance_scale: float = 3.0
+    steps: int = 20
+    method: str = "ddpm"
+    dtype: str = "float32"
+    device: Optional[str] = None
+    image_size: Optional[int] = None
+    reward: str = "diff-compressibility"
+    reward_kwargs: dict = None  # type: ignore[assignment]
+    methods: tuple = METHODS
+    strengths: tuple = (0.25, 0.5, 1.0)
+    sigma_y: float = 0.1
+    rounds: int = 8
+    n: int = 8
+    algorithm: int = 1
+    ft_start: int = 0
+    ft_steps: int = 1
+    ft_lr: float = 1e-5
+    pca_n: int = 512
+    pca_var: float = 0.95
+    jpeg_upscale: int = 4
+    grid_n: int = 4
+    grid_rounds: Optional[tuple] = None
+    batch: int = 128
+    timing: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.reward_kwargs is None:
+            object.__setattr__(self, "reward_kwargs", {})
+        for k in ("methods", "strengths", "grid_rounds"):
+            v = getattr(self, k)
+            if isinstance(v, list):
+                object.__setattr__(self, k, tuple(v))
+
+    def validate(self) -> None:
+        for k in ("steps", "rounds", "n", "pca_n", "batch", "jpeg_upscale", "ft_steps"):
+            v = getattr(self, k)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{k}: must be an int >= 1, got {v!r}")
+        if not isinstance(self.grid_n, int) or self.grid_n < 0:
+            raise ValueError(f"grid_n: must be an int >= 0, got {self.grid_n!r}")
+        if not self.prompt:
+            raise ValueError("prompt: give one prompt (e.g. --prompt 'a handwritten digit 3')")
+        if not self.methods or any(m not in METHODS for m in self.methods) or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods: one or both of {METHODS} (no repeats), got {list(self.methods)}")
+        if not self.strengths or any(not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0)
+                                     for s in self.strengths):
+            raise ValueError(f"strengths: finite numbers > 0 (delta per round in pre-trained reward sds), "
+                             f"got {list(self.strengths)}")
+        if not self.sigma_y > 0:
+            raise ValueError(f"sigma_y: must be > 0, got {self.sigma_y}")
+        if self.algorithm not in (1, 2):
+            raise ValueError(f"algorithm: 1 (fixed score) or 2 (score fine-tuning), got {self.algorithm!r}")
+        if self.algorithm == 2 and (self.ft_start < 0 or not self.ft_lr > 0):
+            raise ValueError(f"ft_start, ft_lr: need ft_start >= 0 and ft_lr > 0, got {self.ft_start}, {self.ft_lr}")
+        if self.method not in SAMPLERS:
+            raise ValueError(f"method: one of {SAMPLERS} (stochastic: 'ddpm', 'em'; 'ddim' is eta 0), got {self.method!r}")
+        if not 0.0 < self.pca_var < 1.0:
+            raise ValueError(f"pca_var: the variance share the subspace holds, in (0, 1), got {self.pca_var}")
+        if self.pca_n < 2:
+            raise ValueError(f"pca_n: need >= 2 reference latents, got {self.pca_n}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype: float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.grid_rounds is not None and any(not (isinstance(k, int) and 0 <= k <= self.rounds) for k in self.grid_rounds):
+            raise ValueError(f"grid_rounds: rounds in 0..{self.rounds}, got {list(self.grid_rounds)}")
+        if not isinstance(self.reward_kwargs, dict):
+            raise ValueError(f"reward_kwargs: a JSON object of the reward's keyword arguments, got {self.reward_kwargs!r}")
+
+    def kept_rounds(self) -> list:
+        if self.grid_rounds is not None:
+            return sorted(set(self.grid_rounds))
+        K = self.rounds
+        return sorted({0, K // 3, (2 * K) // 3, K})
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+def load_config(path=None, **overrides) -> GuideConfig:
+    """A GuideConfig from a JSON file (keys starting with '_' are comments; None = the defaults), then
+    ``overrides``. Unknown keys are an error that names them."""
+    raw = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"config: no file at '{p}' (see imaging/configs/guide_sd15.json)")
+        raw = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
+    raw.update(overrides)
+    names = {f.name for f in fields(GuideConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    return GuideConfig(**raw)
+
+
+# ============================================================================ the pipeline as a flat eps model
+
+
+class FlatEps(nn.Module):
+    """An eps model over latents (C, H, W), e.g. ``LatentEps``, seen as one over flat latents (B, C*H*W) on
+    the CPU: the gradient-guidance optimiser (``theory.gradient_guidance``) works on (B, D) samples and
+    per-sample gradients. Inputs are moved to the network's ``device`` and eps comes back to x's device and
+    dtype, so the optimiser's state stays float32 on the host while the network runs on a GPU in its own
+    dtype (the transfers are differentiable, so G_loss's vector-Jacobian product goes through them)."""
+
+    def __init__(self, base: nn.Module, shape: tuple, device: str = "cpu"):
+        super().__init__()
+        self.base, self.shape, self.device = base, tuple(shape), str(device)
+        self.dim = int(np.prod(self.shape))
+
+    def forward(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        B = x.shape[0]
+        t = torch.as_tensor(t)
+        xd = x.reshape(B, *self.shape).to(self.device)
+        c = cond.to(self.device) if torch.is_tensor(cond) else cond
+        eps = self.base(xd, t.to(self.device), c)
+        return eps.reshape(B, self.dim).to(device=x.device, dtype=x.dtype)
+
+
+@dataclass
+class Context:
+    """The loaded pipeline and everything derived from it once."""
+
+    pipe: object
+    model: FlatEps
+    schedule: object
+    ts: torch.Tensor
+    shape: tuple
+    device: str
+    reward: object  # reward(x0 latents (B, C, H, W)) -> (B,)
+    model_dir: Optional[str]
+    digit: Optional[int]  # the prompt's digit on the digits pipeline (for the judge), else None
+
+
+def build_context(cfg: GuideConfig, pipe=None) -> Context:
+    """Load the pipeline (or take ``pipe``), freeze it, encode the prompt, wrap the UNet as a flat eps model,
+    build the reward on latents."""
+    from .ctrl import resolve_model
+    from .pipeline import (
+        LatentEps,
+        encode_prompts,
+        latent_shape,
+        load_pipeline,
+        resolve_device,
+        resolve_dtype,
+        schedule_of,
+        scheduler_grid,
+    )
+    from .rewards import make_reward
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model_dir = None
+    if pipe is None:
+        model_dir = resolve_model(cfg.model)
+        pipe = load_pipeline(model_dir, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    cond, unc = encode_prompts(pipe, [cfg.prompt], device=device)
+    sch = schedule_of(pipe)
+    base = LatentEps(pipe.unet, sch, cond, unc, cfg.guidance_scale)
+    shape = latent_shape(pipe, cfg.image_size, cfg.image_size)
+    reward = make_reward(pipe, cfg.reward, **cfg.reward_kwargs)
+    if isinstance(getattr(reward, "f", None), nn.Module):  # a learnt image reward (aesthetic, CLIP) loads on the
+        reward.f.to(device)  # host; it runs next to the decoder
+    if not getattr(reward, "differentiable", True):
+        raise ValueError(f"reward: '{cfg.reward}' has no gradient; gradient guidance needs a differentiable reward "
+                         "(e.g. diff-compressibility, aesthetic, classifier)")
+    digit = None
+    from .digits_pipeline import PROMPTS
+
+    if model_dir is not None and cfg.prompt in PROMPTS:
+        from .digits_pipeline import is_digits_pipeline
+
+        if is_digits_pipeline(model_dir):
+            digit = PROMPTS.index(cfg.prompt)
+    return Context(pipe, FlatEps(base, shape, device), sch, scheduler_grid(pipe.scheduler, cfg.steps), shape, device,
+                   reward, model_dir, digit)
+
+
+def _reward_of(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """The raw reward of flat latents x (B, D) on the host, (B,) float32 on the host, with the graph to x."""
+    r = ctx.reward(x.reshape(x.shape[0], *ctx.shape).to(ctx.device))
+    return r.to(device=x.device, dtype=x.dtype)
+
+
+@torch.no_grad()
+def _decode(ctx: Context, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W), float32 on the host, of flat latents x."""
+    from .pipeline import decode_latents
+
+    return torch.cat([decode_latents(ctx.pipe, x[i:i + batch].reshape(-1, *ctx.shape).to(ctx.device)).float().cpu()
+                      for i in range(0, len(x), batch)])
+
+
+# ============================================================================ reference: reward scale and the data subspace
+
+
+@torch.no_grad()
+def reference(ctx: Context, cfg: GuideConfig) -> dict:
+    """``pca_n`` unguided latents (seeds disjoint from the optimiser's: seed + 1_000_003 + batch index), their
+    raw reward mean and sd, and their PCA: mean m, the top-k directions U (D, k) holding ``pca_var`` of the
+    variance (k the smallest such), the explained-variance curve."""
+    from theory.solvers import sample
+
+    xs = []
+    for b, i in enumerate(range(0, cfg.pca_n, cfg.batch)):
+        n = min(cfg.batch, cfg.pca_n - i)
+        g = torch.Generator().manual_seed(cfg.seed + 1_000_003 + b)
+        xT = torch.randn(n, ctx.model.dim, generator=g)
+        xs.append(sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, generator=g).x0)
+    X = torch.cat(xs).double()
+    r = torch.cat([_reward_of(ctx, X[i:i + cfg.batch].float()) for i in range(0, len(X), cfg.batch)]).double()
+    m = X.mean(0)
+    # PCA by the SVD of the centred data (torch.linalg): the principal directions are V's rows
+    _, S, Vh = torch.linalg.svd(X - m, full_matrices=False)
+    var = S**2 / (len(X) - 1)
+    cum = torch.cumsum(var, 0) / var.sum()
+    k = int((cum < cfg.pca_var).sum()) + 1
+    U = Vh[:k].T.contiguous()
+    return {"X": X.float(), "reward": r, "mean_r": float(r.mean()), "sd_r": float(r.std()), "m": m.float(),
+            "U": U.float(), "k": k, "D": int(X.shape[1]), "explained": cum.float(),
+            "in_sample_off": off_subspace_fraction(X.float(), m.float(), U.float())}
+
+
+def off_subspace_fraction(x: torch.Tensor, m: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Per latent, the share of its (centred) energy outside span(U):
+    |(I - U U^T)(x - m)|^2 / |x - m|^2, (B,) (the image analogue of r_off, docs/theory.md (5.11): it equals
+    r^2 / (1 + r^2) for r = |x_perp| / |x_par| of the centred latent)."""
+    if x.ndim != 2 or U.ndim != 2 or U.shape[0] != x.shape[1] or m.shape != (x.shape[1],):
+        raise ValueError(f"U, m: expected a ({x.shape[-1]}, k) basis and a ({x.shape[-1]},) mean for latents "
+                         f"(B, {x.shape[-1]}), got {tuple(U.shape)} and {tuple(m.shape)}")
+    c = x - m
+    perp = c - (c @ U) @ U.T
+    return perp.pow(2).sum(1) / c.pow(2).sum(1).clamp_min(1e-30)
+
+
+# ============================================================================ runtime row
+
+
+def time_rounds(ctx: Context, cfg: GuideConfig, objective, x0: torch.Tensor) -> dict:
+    """Wall seconds of one unguided pass of the chains x0 (B, D), of one Algorithm-1 round with G and one with
+    G_loss (the guided pass plus the reward gradient at its samples), each timed alone on the same chains,
+    and their ratios to the unguided pass."""
+    from theory.gradient_guidance import gradient_guidance, objective_and_grad
+    from theory.solvers import sample
+
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    xT = torch.randn(x0.shape, generator=g)
+    _, grad = objective_and_grad(objective, x0)
+    y = (grad * x0).sum(-1) + float(cfg.strengths[0])
+    out = {"n_chains": int(x0.shape[0]), "steps": cfg.steps}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, generator=torch.Generator().manual_seed(1))
+    out["unguided_pass_s"] = time.perf_counter() - t0
+    for kind in cfg.methods:
+        field = gradient_guidance(ctx.schedule, grad, y, cfg.sigma_y, lookahead=kind == "G_loss", model=ctx.model)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, guidance=field,
+                       generator=torch.Generator().manual_seed(1)).x0
+        objective_and_grad(objective, x)
+        s = time.perf_counter() - t0
+        out[f"round_{kind}_s"] = s
+        out[f"ratio_{kind}"] = s / out["unguided_pass_s"]
+    return out
+
+
+# ============================================================================ the experiment
+
+
+def _metrics_fn(ctx: Context, cfg: GuideConfig, ref: dict, judge):
+    from .rewards import jpeg_size_kb
+
+    def metrics(x, f):
+        img = _decode(ctx, x, cfg.batch)
+        off = off_subspace_fraction(x.float(), ref["m"], ref["U"])
+        m = {"reward_raw": (f.double() * ref["sd_r"] + ref["mean_r"]).tolist(),
+             "off_subspace": off.tolist(),
+             "jpeg_kb": jpeg_size_kb(img, quality=95, upscale=cfg.jpeg_upscale).double().tolist()}
+        if judge is not None:
+            from .digits_pipeline import judge_features
+
+            m["judge_p_digit"] = judge.predict_proba(judge_features(img))[:, ctx.digit].tolist()
+        return m
+
+    return metrics
+
+
+def _mean_se(v) -> tuple:
+    a = np.asarray(v, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
+
+
+def _uint8(img: torch.Tensor) -> torch.Tensor:
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def run(cfg: GuideConfig, out=None, *, pipe=None, progress: bool = False) -> dict:
+    """The experiment (docs/theory.md §7 on the pipeline of §8). Returns plain data; with ``out`` also writes
+    ``out/results.json`` and ``out/samples.safetensors`` (uint8 images (n_kept, 3, H, W) per configuration and
+    kept round, keys '<method>_s<strength>_r<round>')."""
+    from theory.gradient_guidance import FineTune, Run, optimize_batched
+
+    cfg.validate()
+    if out is not None:
+        from theory.io import check_writable
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        check_writable(out)
+    torch.manual_seed(cfg.seed)
+    t_all = time.perf_counter()
+    ctx = build_context(cfg, pipe)
+    t0 = time.perf_counter()
+    ref = reference(ctx, cfg)
+    t_ref = time.perf_counter() - t0
+    if not ref["sd_r"] > 0:
+        raise ValueError(f"reward: '{cfg.reward}' is constant on the pre-trained samples (sd 0); it cannot be "
+                         "standardised or optimised")
+    if progress:
+        print(f"reference: {cfg.pca_n} latents in {t_ref:.1f}s; reward {ref['mean_r']:.4g} +- {ref['sd_r']:.3g}; "
+              f"PCA k={ref['k']} of D={ref['D']} holds {cfg.pca_var:.0%}", flush=True)
+    mu, sd = ref["mean_r"], ref["sd_r"]
+
+    def objective(x):
+        """The standardised reward f(x) = (r(x) - mean_0) / sd_0 on flat latents (B, D)."""
+        return (_reward_of(ctx, x) - mu) / sd
+
+    objective.dim = ctx.model.dim
+    judge = None
+    if ctx.digit is not None:
+        from .digits_pipeline import fit_judge
+
+        judge = fit_judge()
+    configs = [(kind, float(s)) for kind in cfg.methods for s in cfg.strengths]
+    runs = [Run(guidance=kind, delta=s, sigma_y=cfg.sigma_y, seed=cfg.seed, n=cfg.n) for kind, s in configs]
+    finetune = None
+    model = ctx.model
+    if cfg.algorithm == 2:
+        finetune = FineTune(start=cfg.ft_start, steps=cfg.ft_steps, lr=cfg.ft_lr)
+        model.requires_grad_(True)  # the copies fine-tune; the pipeline's own UNet is not touched
+    keep = cfg.kept_rounds()
+    kw = dict(dim=ctx.model.dim, rounds=cfg.rounds, ts=ctx.ts, method=cfg.method, finetune=finetune,
+              metrics=_metrics_fn(ctx, cfg, ref, judge), keep_rounds=keep, dtype=torch.float32)
+    t0 = time.perf_counter()
+    batched = True
+    try:
+        results = optimize_batched(model, ctx.schedule, objective, runs, **kw)
+    except (RuntimeError, NotImplementedError) as e:
+        # Algorithm 2's per-run copies are evaluated together by torch.func.vmap over stacked parameters; a
+        # network that vmap cannot trace falls back to the runs one after another (same results per run).
+        if cfg.algorithm != 2:
+            raise
+        batched = False
+        if progress:
+            print(f"batched Algorithm 2 not possible for this network ({type(e).__name__}: {str(e)[:120]}); "
+                  "running the configurations one by one", flush=True)
+        results = [optimize_batched(model, ctx.schedule, objective, [r], **kw)[0] for r in runs]
+    t_opt = time.perf_counter() - t0
+    if cfg.algorithm == 2:
+        model.requires_grad_(False)
+    timing = None
+    if cfg.timing:
+        timing = time_rounds(ctx, cfg, objective, ref["X"][:cfg.n].float())
+        timing["batched_round_s"] = [float(v) for v in results[0].round_times]
+        timing["n_configs"] = len(runs)
+        if progress:
+            print("timing: " + ", ".join(f"{k} {v:.3g}" for k, v in timing.items() if isinstance(v, float)), flush=True)
+
+    per_config, tensors = [], {}
+    for (kind, s), res in zip(configs, results):
+        rows = []
+        for k, (f, met) in enumerate(zip(res.values, res.metrics)):
+            row = {"round": k}
+            for name, vals in [("reward_std", f.tolist())] + list(met.items()):
+                row[name], row[name + "_se"] = _mean_se(vals)
+            rows.append(row)
+        per_config.append({"method": kind, "strength": s, "rounds": rows,
+                           "gain_std": rows[-1]["reward_std"] - rows[0]["reward_std"],
+                           "gain_raw": rows[-1]["reward_raw"] - rows[0]["reward_raw"]})
+        if cfg.grid_n:
+            for k, x in res.samples.items():
+                tensors[f"{kind}_s{s:g}_r{k}"] = _uint8(_decode(ctx, x[:cfg.grid_n], cfg.batch)).contiguous()
+        if progress:
+            print(f"{kind:6s} strength {s:g}: reward(std) {rows[0]['reward_std']:+.3f} -> {rows[-1]['reward_std']:+.3f}, "
+                  f"off-subspace {rows[0]['off_subspace']:.4f} -> {rows[-1]['off_subspace']:.4f}", flush=True)
+    results_json = {
+        "config": cfg.to_json(), "model_dir": ctx.model_dir, "latent_shape": list(ctx.shape),
+        "reference": {"n": cfg.pca_n, "reward_mean": mu, "reward_sd": sd, "pca_k": ref["k"], "D": ref["D"],
+                      "pca_var": cfg.pca_var, "explained_at_k": float(ref["explained"][ref["k"] - 1]),
+                      "explained": [float(v) for v in ref["explained"][:min(64, ref["D"])]],
+                      "in_sample_off_subspace": float(ref["in_sample_off"].mean()), "seconds": t_ref},
+        "judge_digit": ctx.digit, "batched": batched, "kept_rounds": keep, "configs": per_config,
+        "timing": timing, "optimise_seconds": t_opt, "seconds": time.perf_counter() - t_all,
+    }
+    if out is not None:
+        from safetensors.torch import save_file
+
+        if tensors:
+            save_file(tensors, str(out / "samples.safetensors"))
+        (out / "results.json").write_text(json.dumps(results_json, indent=1, default=float))
+    results_json["samples"] = tensors
+    return results_json

@@ -1,0 +1,187 @@
+"""Gradient guidance on an image pipeline (imaging.guide, ``diffsteer guide``), on the tiny pipeline."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imaging.guide import CONFIG_DIR, FlatEps, GuideConfig, load_config, off_subspace_fraction, run
+from theory.gradient_guidance import r_off
+
+TINY = dict(prompt="a photo of a cat", steps=3, rounds=2, n=2, strengths=(0.5, 1.0), pca_n=12, batch=16,
+            jpeg_upscale=1, grid_n=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from imaging.tiny import tiny_pipeline
+
+    return tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def alg1(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("guide")
+    return run(GuideConfig(**TINY), out, pipe=pipe), out
+
+
+def test_algorithm1_records_every_configuration_from_the_same_noise(alg1):
+    res, out = alg1
+    assert [(c["method"], c["strength"]) for c in res["configs"]] == [("G", 0.5), ("G", 1.0), ("G_loss", 0.5),
+                                                                      ("G_loss", 1.0)]
+    for c in res["configs"]:
+        assert [r["round"] for r in c["rounds"]] == [0, 1, 2]
+        for r in c["rounds"]:
+            assert 0.0 <= r["off_subspace"] <= 1.0 and r["jpeg_kb"] > 0
+        # round 0 is the unguided batch, drawn from the same seed for every configuration (common noise)
+        assert c["rounds"][0] == res["configs"][0]["rounds"][0]
+    # round 1 differs between G and G_loss (different fields from the same noise)
+    assert res["configs"][0]["rounds"][1]["reward_raw"] != res["configs"][2]["rounds"][1]["reward_raw"]
+    # the standardised reward is the raw one in units of the reference sd
+    ref = res["reference"]
+    r0 = res["configs"][0]["rounds"][0]
+    assert r0["reward_std"] == pytest.approx((r0["reward_raw"] - ref["reward_mean"]) / ref["reward_sd"], rel=1e-5, abs=1e-6)
+    assert 1 <= ref["pca_k"] <= min(ref["n"], ref["D"]) and ref["explained_at_k"] >= 0.95
+    t = res["timing"]
+    assert t["unguided_pass_s"] > 0 and t["ratio_G"] > 0 and t["ratio_G_loss"] > 0
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["configs"] == json.loads(json.dumps(res["configs"]))
+    from safetensors.torch import load_file
+
+    s = load_file(str(out / "samples.safetensors"))
+    assert set(s) == {f"{m}_s{v:g}_r{k}" for m in ("G", "G_loss") for v in (0.5, 1.0) for k in res["kept_rounds"]}
+    assert all(v.dtype == torch.uint8 and v.shape[:2] == (2, 3) for v in s.values())
+
+
+def test_flat_eps_is_the_latent_eps_reshaped(pipe):
+    from imaging.pipeline import LatentEps, encode_prompts, schedule_of
+
+    c, u = encode_prompts(pipe, ["a photo of a cat"])
+    base = LatentEps(pipe.unet, schedule_of(pipe), c, u, 3.0)
+    flat = FlatEps(base, (4, 8, 8))
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.full((3,), 500.0)
+    with torch.no_grad():
+        assert torch.equal(flat(x.reshape(3, -1), t), base(x, t).reshape(3, -1))
+    assert flat.dim == 256
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 5), st.integers(0, 10_000))
+def test_off_subspace_fraction_is_r_off_squared_over_one_plus(k, seed):
+    """|P_perp c|^2 / |c|^2 = r^2 / (1 + r^2) with r = r_off(c, U) (docs/theory.md (5.11)) for c = x - m: an
+    identity (|c|^2 = |c_par|^2 + |c_perp|^2); float64, tolerance round-off."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(8, k, generator=g, dtype=torch.float64))
+    m = torch.randn(8, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64)
+    r = r_off(x - m, U)
+    assert torch.allclose(off_subspace_fraction(x, m, U), r**2 / (1 + r**2), rtol=1e-6, atol=1e-12)
+    inside = m + torch.randn(4, k, generator=g, dtype=torch.float64) @ U.T
+    assert off_subspace_fraction(inside, m, U).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(methods=("G", "X")), "methods"), (dict(strengths=(0.0,)), "strengths"), (dict(algorithm=3), "algorithm"),
+    (dict(pca_var=1.0), "pca_var"), (dict(method="heun"), "method"), (dict(rounds=0), "rounds"),
+    (dict(grid_rounds=(0, 9)), "grid_rounds"), (dict(prompt=""), "prompt"),
+])
+def test_bad_config_names_the_key(over, match):
+    with pytest.raises(ValueError, match=match):
+        GuideConfig(**dict(TINY, **over)).validate()
+
+
+def test_load_config_rejects_unknown_keys_and_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, stepz=3)
+    with pytest.raises(FileNotFoundError, match="config"):
+        load_config(tmp_path / "none.json")
+
+
+def test_a_reward_without_gradient_is_refused(pipe):
+    with pytest.raises(ValueError, match="differentiable"):
+        run(GuideConfig(**dict(TINY, reward="jpeg-size")), None, pipe=pipe)
+
+
+def test_algorithm2_fine_tunes_copies_and_leaves_the_pipeline_unchanged(pipe):
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    res = run(GuideConfig(**dict(TINY, algorithm=2, ft_lr=1e-3, timing=False, grid_n=0)), None, pipe=pipe)
+    assert res["batched"] and res["timing"] is None and len(res["configs"]) == 4
+    assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
+    assert not any(p.requires_grad for p in pipe.unet.parameters())
+    # fine-tuning changes round 1's samples relative to Algorithm 1 from the same noise
+    res1 = run(GuideConfig(**dict(TINY, timing=False, grid_n=0)), None, pipe=pipe)
+    # round 0 is the same pre-trained batch, up to the round-off of the copies' vmap evaluation
+    r0, r0_1 = res["configs"][0]["rounds"][0]["reward_raw"], res1["configs"][0]["rounds"][0]["reward_raw"]
+    assert r0 == pytest.approx(r0_1, rel=1e-5)
+    d1 = abs(res["configs"][0]["rounds"][1]["reward_raw"] - res1["configs"][0]["rounds"][1]["reward_raw"])
+    assert d1 > 100 * abs(r0 - r0_1)
+
+
+@pytest.fixture(scope="module")
+def tiny_aesthetic(tmp_path_factory):
+    """A tiny CLIP vision tower folder and an aesthetic head file (random weights), for the SD config."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imaging.aesthetic import AestheticMLP
+
+    folder = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=8)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    torch.save(AestheticMLP(8).state_dict(), folder / "head.pth")
+    return folder
+
+
+def test_sd15_config_runs_two_rounds_on_the_tiny_pipeline(pipe, tiny_aesthetic):
+    """imaging/configs/guide_sd15.json as shipped (aesthetic reward, CFG 7.5, both methods, three strengths),
+    with only the sizes reduced and the weights' paths pointed at tiny local files."""
+    raw = json.loads((CONFIG_DIR / "guide_sd15.json").read_text())
+    assert raw["reward"] == "aesthetic" and raw["steps"] == 50 and raw["guidance_scale"] == 7.5
+    cfg = load_config(CONFIG_DIR / "guide_sd15.json", steps=3, rounds=2, n=2, pca_n=8, image_size=None,
+                      dtype="float32", device="cpu", prompt="a photo of a cat", timing=False, grid_n=1,
+                      reward_kwargs={"clip_path": str(tiny_aesthetic), "head_path": str(tiny_aesthetic / "head.pth")})
+    res = run(cfg, None, pipe=pipe)
+    assert len(res["configs"]) == 6 and all(len(c["rounds"]) == 3 for c in res["configs"])
+    assert res["reference"]["reward_sd"] > 0
+
+
+def test_cli_help_documents_every_option_and_runs_tiny(tmp_path, capsys):
+    from diffsteer.cli import build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["guide"]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help"
+    for opt in ("--model", "--reward", "--method", "--strengths", "--rounds", "--algorithm", "--prompt", "--steps",
+                "--seed", "--out"):
+        assert opt in sub.format_help()
+    rc = main(["guide", "--tiny", "--prompt", "a photo of a cat", "--method", "g_loss", "--strengths", "0.5",
+               "--rounds", "1", "--n", "2", "--steps", "2", "--pca-n", "6", "--no-timing", "--no-progress",
+               "--set", "jpeg_upscale=1", "--out", str(tmp_path / "o")])
+    assert rc == 0
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [c["method"] for c in res["configs"]] == ["G_loss"] and res["config"]["rounds"] == 1
+    assert main(["guide", "--tiny", "--strengths", "a,b", "--out", str(tmp_path / "p")]) == 2
+    assert "--strengths" in capsys.readouterr().err
+
+
+def test_figure_draws_from_its_json(alg1):
+    """The registered figure's draw function on the tiny run's results as stored in JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from imaging import guide_figures
+    from theory.registry import FIGURES, to_jsonable
+
+    assert FIGURES["gg_image_alg1"].draw is guide_figures.draw
+    res, out = alg1
+    d = json.loads(json.dumps(to_jsonable({k: v for k, v in res.items() if k != "samples"})))
+    d["grids"] = {k: v.float().mean(1).round().to(torch.uint8).tolist() for k, v in res["samples"].items()}
+    fig = guide_figures.draw(d)
+    assert len(fig.axes) >= 3
