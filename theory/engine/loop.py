@@ -31,10 +31,15 @@ class NonFiniteError(FloatingPointError):
 
 
 def _first_bad(named: dict):
-    for n, t in named.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return n
-    return None
+    """The name of the first non-finite tensor of ``named`` (None entries skipped), or None; one device
+    synchronisation for all of them."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    if not items:
+        return None
+    bad = torch.stack([~torch.isfinite(t).all() for _, t in items])
+    if not bool(bad.any()):
+        return None
+    return items[int(bad.nonzero()[0])][0]
 
 
 class Update:
