@@ -1,15 +1,18 @@
 """Rounds per second of Algorithm 1 (G_loss and G) at D = 64, T = 200: several configurations sharing one
 model run as one batch (``optimize_batched``, one network call per step for all chains) against the same
-configurations run one at a time (``optimize``), in one run.
+configurations run one at a time (``optimize``), in one run; and Algorithm 2 over several seeds, each
+fine-tuning its own copy of the network, the copies evaluated in one call over stacked parameters
+(``torch.func.functional_call`` + ``vmap``) against the seeds one at a time.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_gg_batched.py [--quick] [--n 32] [--rounds 3]
 
-Configurations: G and G_loss x delta in (0.1, 0.5) x two seeds (8 runs of ``n`` chains), the EpsMLP of
+Configurations: G and G_loss x delta in (0.1, 0.5) x two seeds (8 runs of ``n`` chains); Algorithm 2:
+G_loss at delta 0.1 for four seeds, one fine-tuning step per round from round 0. The network is the EpsMLP of
 sims.gradguide (256 x 3, float32, untrained: timing does not depend on the weights) on the T = 200
 discrete cosine schedule's full grid (199 DDPM steps), a linear objective. Both ways are timed alternately
 ``repeats`` times; the median is reported, as CPU time of this process (``time.process_time``; one thread),
 which a shared machine's load does not inflate. The batched results equal the one-at-a-time results up to
-the round-off of a larger batch; the largest difference is printed.
+the round-off of a larger batch; the largest difference of the final samples is printed.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import time
 
 import torch
 
-from theory.gradient_guidance import Run, default_grid, optimize, optimize_batched
+from theory.gradient_guidance import FineTune, Run, default_grid, optimize, optimize_batched
 from theory.nets import EpsMLP
 from theory.schedules import DiscreteVP
 
@@ -45,27 +48,38 @@ def main(argv=None):
 
     f.dim = D
     runs = [Run(kind, delta, 0.1, seed, a.n) for kind in ("G", "G_loss") for delta in (0.1, 0.5) for seed in (0, 1)]
+    runs2 = [Run("G_loss", 0.1, 0.1, seed, a.n) for seed in range(4)]
+    ft = FineTune(start=0, steps=1, lr=1e-5)
     common = dict(rounds=rounds, ts=ts, method="ddpm")
-    times = {"one at a time": [], "batched": []}
+
+    def alone(rs, finetune=None):
+        return [optimize(model, sch, f, n=r.n, delta=r.delta, guidance=r.guidance, sigma_y=r.sigma_y,
+                         generator=torch.Generator().manual_seed(r.seed), finetune=finetune, **common) for r in rs]
+
+    cases = {"Algorithm 1 one at a time": lambda: alone(runs),
+             "Algorithm 1 batched": lambda: optimize_batched(model, sch, f, runs, **common),
+             "Algorithm 2 one at a time": lambda: alone(runs2, ft),
+             "Algorithm 2 batched (vmap)": lambda: optimize_batched(model, sch, f, runs2, finetune=ft, **common)}
+    times, results = {k: [] for k in cases}, {}
     for _ in range(repeats):
-        t0 = time.process_time()
-        alone = [optimize(model, sch, f, n=r.n, delta=r.delta, guidance=r.guidance, sigma_y=r.sigma_y,
-                          generator=torch.Generator().manual_seed(r.seed), **common) for r in runs]
-        times["one at a time"].append(time.process_time() - t0)
-        t0 = time.process_time()
-        batched = optimize_batched(model, sch, f, runs, **common)
-        times["batched"].append(time.process_time() - t0)
-    diff = max(float((b.x - s.x).abs().max()) for b, s in zip(batched, alone))
-    scale = max(float(s.x.abs().max()) for s in alone)
+        for k, fn in cases.items():
+            t0 = time.process_time()
+            results[k] = fn()
+            times[k].append(time.process_time() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"Algorithm 1, {len(runs)} configurations (G, G_loss x delta 0.1, 0.5 x 2 seeds) of {a.n} chains, "
-          f"D = {D}, {ts.numel() - 1} DDPM steps, {rounds} rounds after round 0, median of {repeats}, "
-          f"torch threads = {torch.get_num_threads()}")
-    print(f"{'':16s} {'CPU s (all runs)':>16s} {'rounds/s':>9s}")
+    print(f"{len(runs)} Algorithm-1 configurations (G, G_loss x delta 0.1, 0.5 x 2 seeds) and {len(runs2)} "
+          f"Algorithm-2 seeds, {a.n} chains each, D = {D}, {ts.numel() - 1} DDPM steps, {rounds} rounds after "
+          f"round 0, median of {repeats}, torch threads = {torch.get_num_threads()}")
+    print(f"{'':28s} {'CPU s (all runs)':>16s} {'rounds/s':>9s} {'max |x - x_alone|':>18s}")
     for k, v in med.items():
-        print(f"{k:16s} {v:16.2f} {len(runs) * (rounds + 1) / v:9.2f}")
-    print(f"batched / one at a time speed-up: {med['one at a time'] / med['batched']:.2f}x; "
-          f"largest |x_batched - x_alone| = {diff:.2e} (samples up to {scale:.1f})")
+        nr = len(runs if k.startswith("Algorithm 1") else runs2) * (rounds + 1)
+        ref = results[k.replace("batched (vmap)", "one at a time").replace("batched", "one at a time")]
+        diff = max(float((b.x - s_.x).abs().max()) for b, s_ in zip(results[k], ref))
+        print(f"{k:28s} {v:16.2f} {nr / v:9.2f} {diff:18.2e}")
+    for alg in ("1", "2"):
+        one = med[f"Algorithm {alg} one at a time"]
+        bat = med[f"Algorithm {alg} batched" + (" (vmap)" if alg == "2" else "")]
+        print(f"Algorithm {alg}: batched / one at a time speed-up {one / bat:.2f}x")
     return med
 
 

@@ -4,7 +4,8 @@ costs, in one run.
     OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200] [--no-unet]
 
 Same model, batch, grid (the T = 200 discrete cosine schedule, DDPM steps) and noise for every pass; the
-passes and the network timings are interleaved round-robin and the median of ``repeats`` is reported.
+passes and the network timings are interleaved round-robin; times are medians of ``repeats``, ratios the
+medians of the ratios within each repeat.
 Times are this process's CPU time (``time.process_time``; run with one thread), not wall time: on a
 shared machine wall time mostly measures how often the process was descheduled. The floor of a G_loss step is one forward pass with a graph plus one
 vector-Jacobian product (docs/theory.md §7), so the column to compare G_loss/unguided with is
@@ -94,7 +95,17 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
         if r:
             for k, v in zip(("fwd", "fwd+vjp", "noise"), costs):
                 times[k].append(v)
-    return {k: statistics.median(v) for k, v in times.items()}
+    out = {k: statistics.median(v) for k, v in times.items()}
+    # ratios within each repeat (its passes and network timings ran back to back), then their median: a
+    # load change between repeats does not enter a ratio
+    out["G_loss/unguided"] = statistics.median(a / b for a, b in zip(times["G_loss"], times["unguided"]))
+    out["floor"] = statistics.median(a / b for a, b in zip(times["fwd+vjp"], times["fwd"]))
+    out["gap"] = statistics.median(a / b * d / c - 1 for a, b, c, d in
+                                   zip(times["G_loss"], times["unguided"], times["fwd+vjp"], times["fwd"]))
+    out["G/unguided"] = statistics.median(a / b for a, b in zip(times["G"], times["unguided"]))
+    out["non-net"] = statistics.median(1 - a / b for a, b in zip(times["fwd"], times["unguided"]))
+    out["noise share"] = statistics.median(a / b for a, b in zip(times["noise"], times["unguided"]))
+    return out
 
 
 def main(argv=None):
@@ -126,10 +137,9 @@ def main(argv=None):
     for name, (m, dt, dim, batch, n) in models.items():
         t = bench(m, sch, dim, batch, n, repeats, dt)
         out[name] = t
-        ratio, floor = t["G_loss"] / t["unguided"], t["fwd+vjp"] / t["fwd"]
-        print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} {ratio:10.2f} "
-              f"{floor:11.2f} {ratio / floor - 1:+6.1%} {t['G'] / t['unguided']:6.2f} "
-              f"{1 - t['fwd'] / t['unguided']:7.1%} {t['noise'] / t['unguided']:6.1%}")
+        print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} "
+              f"{t['G_loss/unguided']:10.2f} {t['floor']:11.2f} {t['gap']:+6.1%} {t['G/unguided']:6.2f} "
+              f"{t['non-net']:7.1%} {t['noise share']:6.1%}")
     return out
 
 

@@ -90,9 +90,9 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
     both kinds share one network call per step; ``sigma_y``: a number or one per chain (B,).
 
     J is ONE vector-Jacobian product through ``model`` (samples are independent, so the gradient of the
-    batch sum is every sample's own gradient). The field names ``model`` as its ``eps_model``: inside
-    ``theory.solvers.sample`` it is handed the eps the solver computed, with its graph from x, so a G_loss
-    step costs one forward pass and one VJP. Called with a detached eps (or by hand) it evaluates the
+    batch sum is every sample's own gradient). The field names ``model`` and ``cond`` (``eps_model``,
+    ``eps_cond``): inside ``theory.solvers.sample`` with them it is handed the eps the solver computed, with
+    its graph from x, so a G_loss step costs one forward pass and one VJP. Called with a detached eps (or by hand) it evaluates the
     model itself (a second forward pass). It takes the solver's precomputed schedule coefficients
     (``accepts_at``) and falls back to the schedule off the solver."""
     g, y = _check_target(g, y, sigma_y)
@@ -144,7 +144,7 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
 
     field.kind = "G_loss" if all_look else ("G" if not any_look else "G+G_loss")
     field.accepts_at = True
-    field.eps_model = model if any_look else None
+    field.eps_model, field.eps_cond = (model, cond) if any_look else (None, None)
     return field
 
 

@@ -18,7 +18,7 @@ from .param import eps_to_x0
 from .schedules import NoiseSchedule, as_time
 from .solvers import differentiable_eps
 
-__all__ = ["classifier_guidance", "dps_guidance", "cfg_combine", "CFGEps", "sum_fields", "check_labels"]
+__all__ = ["log_density_gradient", "classifier_guidance", "dps_guidance", "cfg_combine", "CFGEps", "sum_fields", "check_labels"]
 
 Field = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -41,6 +41,18 @@ def _log_lik(log_probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return log_probs.gather(-1, y.to(log_probs.device)[:, None]).squeeze(-1)
 
 
+def log_density_gradient(fn: Callable, x: torch.Tensor, t: torch.Tensor, name: str = "log_h") -> torch.Tensor:
+    """grad_x of a per-sample log-density ``fn(x, t) -> (B,)`` by one backward pass, detached: the guidance
+    of classifier guidance (log p(y | x_t)) and of the h-transform (log h_t) (docs/theory.md §4, §6)."""
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        out = fn(xg, t)
+        if out.shape != (x.shape[0],):
+            raise ValueError(f"{name}: returned shape {tuple(out.shape)}, expected ({x.shape[0]},)")
+        (g,) = torch.autograd.grad(out.sum(), xg)
+    return g.detach()
+
+
 def classifier_guidance(classifier: Callable, y, gamma: float = 1.0, n_classes: Optional[int] = None) -> Field:
     """Classifier guidance (Dhariwal & Nichol 2021; docs/theory.md §6): g = gamma * grad_x log p_phi(y | x, t).
 
@@ -50,14 +62,12 @@ def classifier_guidance(classifier: Callable, y, gamma: float = 1.0, n_classes: 
     if not gamma > 0:
         raise ValueError(f"gamma: the guidance strength must be > 0, got {gamma}")
 
+    def log_lik(xg, t):
+        lp = torch.log_softmax(classifier(xg, t), dim=-1)
+        return _log_lik(lp, check_labels(y, n_classes if n_classes is not None else lp.shape[-1], xg.shape[0]))
+
     def field(x, t, eps):
-        t = as_time(t, x)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            lp = torch.log_softmax(classifier(xg, t), dim=-1)
-            yy = check_labels(y, n_classes if n_classes is not None else lp.shape[-1], x.shape[0])
-            (grad,) = torch.autograd.grad(_log_lik(lp, yy).sum(), xg)
-        return gamma * grad.detach()
+        return gamma * log_density_gradient(log_lik, x, as_time(t, x), "classifier")
 
     field.kind = "classifier"
     return field
@@ -90,7 +100,7 @@ def dps_guidance(model, schedule: NoiseSchedule, log_lik: Callable, y, zeta: Uni
         return z.to(x.dtype).view((-1,) + (1,) * (x.ndim - 1)) * grad.detach()
 
     field.kind = "dps"
-    field.eps_model = model  # inside ``sample``: one forward pass, the VJP on the solver's own eps
+    field.eps_model, field.eps_cond = model, cond  # inside ``sample``: one forward pass, VJP on the solver's eps
     return field
 
 
@@ -164,8 +174,9 @@ def sum_fields(*fields: Field) -> Field:
         return out
 
     # the fields that differentiate a network share the solver's forward pass when they name the same one
-    models = {id(m): m for m in (getattr(f, "eps_model", None) for f in fs) if m is not None}
-    field.eps_model = next(iter(models.values())) if len(models) == 1 else None
+    nets = {(id(f.eps_model), id(getattr(f, "eps_cond", None))): (f.eps_model, getattr(f, "eps_cond", None))
+            for f in fs if getattr(f, "eps_model", None) is not None}
+    field.eps_model, field.eps_cond = next(iter(nets.values())) if len(nets) == 1 else (None, None)
     field.accepts_at = True
     field.kind = "+".join(getattr(f, "kind", "field") for f in fs)
     return field

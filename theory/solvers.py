@@ -161,13 +161,15 @@ def guided_eps(model, cond=None, guidance=None) -> EpsFn:
 
     The field protocol is ``guidance(x, t, eps) -> tensor`` added to the score; a field may also take
     the keyword ``at`` (:class:`ScheduleAt`, the schedule at t) when it sets ``field.accepts_at = True``.
-    A field that differentiates the network at x (G_loss, DPS) names that network in ``field.eps_model``:
-    when it is this ``model``, the network is evaluated ONCE, with a graph from x, and the field is
-    handed that eps (so a step costs one forward pass plus the field's one vector-Jacobian product);
-    every other field is handed eps detached. Gradients through the chain are unchanged: under
+    A field that differentiates the network at x (G_loss, DPS) names that network and its condition in
+    ``field.eps_model`` and ``field.eps_cond``: when they are this ``model`` and ``cond`` (the same
+    objects), the network is evaluated ONCE, with a graph from x, and the field is handed that eps (so a
+    step costs one forward pass plus the field's one vector-Jacobian product); every other field is handed
+    eps detached (and evaluates its own network if it needs one). Gradients through the chain are unchanged: under
     ``torch.no_grad`` the graph is built only for the field and dropped; with gradients enabled eps
     keeps its graph to the parameters (and to x) as without guidance."""
-    share = guidance is not None and getattr(guidance, "eps_model", None) is model
+    share = (guidance is not None and getattr(guidance, "eps_model", None) is model
+             and getattr(guidance, "eps_cond", None) is cond)
 
     def eps_fn(x, at: ScheduleAt):
         if share:
@@ -178,7 +180,6 @@ def guided_eps(model, cond=None, guidance=None) -> EpsFn:
                 g = _call_field(guidance, xg, at, eps)
             if not outer:
                 eps, g = eps.detach(), g.detach()
-            x = xg if outer else x
         else:
             eps = _call_model(model, x, at.t, cond)
             if guidance is None:

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from .exact import GaussianMixture, Reward
+from .guidance import log_density_gradient
 from .schedules import NoiseSchedule, as_time
 from .solvers import check_grid, gaussian_log_prob, replay, sample, time_grid
 
@@ -134,14 +135,7 @@ def h_transform_guidance(log_h: Callable, *, lam: Optional[float] = None, reward
         raise ValueError("log_h: pass a function log_h(x, t) -> (B,) or an exact GaussianMixture")
 
     def field(x, t, eps):
-        t = as_time(t, x)
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            lh = fn(xg, t)
-            if lh.shape != (x.shape[0],):
-                raise ValueError(f"log_h: returned shape {tuple(lh.shape)}, expected ({x.shape[0]},)")
-            (g,) = torch.autograd.grad(lh.sum(), xg)
-        return g.detach()
+        return log_density_gradient(fn, x, as_time(t, x), "log_h")
 
     field.kind = "h-transform"
     return field

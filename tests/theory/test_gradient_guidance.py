@@ -1,4 +1,4 @@
-"""G and G_loss (GRADIENT_GUIDANCE.md) against closed forms, Algorithms 1/2 and their input checks.
+"""G and G_loss (docs/theory.md §7) against closed forms, Algorithms 1/2 and their input checks.
 
 Closed forms used (float64, exact score):
 - N(0, I) data: p_t = N(0, I) for a VP process, so x0_hat = alpha x and grad_x(g.x0_hat) = alpha g, which

@@ -57,7 +57,7 @@ def test_classifier_guidance_is_bayes_and_cfg_with_exact_models(seed, t, gamma):
 @given(seed=st.integers(0, 10_000), t=st.floats(0.02, 0.98), zeta=st.floats(0.1, 5.0))
 def test_dps_closed_form_gaussian_linear(seed, t, zeta):
     """Gaussian data N(mu, S), log-likelihood b.x0: x0_hat = mu + alpha S (alpha^2 S + sigma^2 I)^-1 (x - alpha mu),
-    so DPS = zeta * alpha (alpha^2 S + sigma^2 I)^-1 S b, constant in x (THEORY.md 5)."""
+    so DPS = zeta * alpha (alpha^2 S + sigma^2 I)^-1 S b, constant in x (docs/theory.md §5)."""
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(3, generator=g, dtype=torch.float64)
     L = torch.randn(3, 3, generator=g, dtype=torch.float64)

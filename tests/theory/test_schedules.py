@@ -1,4 +1,4 @@
-"""Schedules and parameterisations (THEORY.md 1-2): alpha, sigma, beta consistent with each other;
+"""Schedules and parameterisations (docs/theory.md §1-2): alpha, sigma, beta consistent with each other;
 eps / score / x0_hat conversions inverse to each other."""
 import math
 
@@ -24,7 +24,7 @@ def _schedules():
 @SET
 @given(_schedules(), st.floats(0.01, 0.95))
 def test_beta_is_minus_twice_dlogalpha(schedule, u):
-    """beta(t) = -2 d/dt log alpha(t) (THEORY.md 1), derivative by autograd; alpha^2 + sigma^2 = 1."""
+    """beta(t) = -2 d/dt log alpha(t) (docs/theory.md §1), derivative by autograd; alpha^2 + sigma^2 = 1."""
     t = torch.tensor(u * schedule.T, dtype=torch.float64, requires_grad=True)
     (d,) = torch.autograd.grad(schedule.log_alpha(t), t)
     assert float(-2 * d) == pytest.approx(float(schedule.beta(t.detach())), rel=1e-10)
@@ -72,7 +72,7 @@ def test_discrete_from_a_diffusers_scheduler():
 @SET
 @given(st.floats(0.05, 0.999), st.integers(0, 10_000))
 def test_conversions_are_inverse(alpha, seed):
-    """score = -eps / sigma, x0_hat = (x - sigma eps) / alpha (THEORY.md 2): each pair round-trips."""
+    """score = -eps / sigma, x0_hat = (x - sigma eps) / alpha (docs/theory.md §2): each pair round-trips."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(5, 3, generator=g, dtype=torch.float64)
     eps = torch.randn(5, 3, generator=g, dtype=torch.float64)

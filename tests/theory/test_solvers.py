@@ -1,4 +1,4 @@
-"""Solvers on exact models (issue 2, tests b and h).
+"""Solvers on exact models (docs/theory.md §3): laws, weak orders, torchsde.
 
 With exact Gaussian data every solver step is affine in x, so ``theory.values.chain_moments`` gives the
 exact law of the discretised chain: the Monte Carlo runs of ``sample`` / ``sdeint`` are compared with
@@ -55,8 +55,8 @@ SOLVER_CASES = [("ddim", 0.0), ("ddim", 0.5), ("ddpm", 1.0), ("em", 0.0), ("heun
 
 
 @pytest.mark.parametrize("method,eta", SOLVER_CASES)
-def test_b_each_solver_reproduces_the_data_law(method, eta):
-    """(b) sample() on exact Gaussian data reproduces the data law within error bounds: the MC law is
+def test_each_solver_reproduces_the_data_law(method, eta):
+    """sample() on exact Gaussian data reproduces the data law within error bounds: the MC law is
     within 5 SE of the exact law of the discretised chain, whose distance to the data law (the
     discretisation bias, computed exactly) halves when the steps double (quarters for Heun)."""
     sch = LinearVP()
@@ -77,7 +77,7 @@ def test_b_each_solver_reproduces_the_data_law(method, eta):
     assert abs(ratio - expected) < 0.1 * expected + 0.02, (bias, ratio)
 
 
-def test_b_singular_subspace_data_stays_on_its_subspace():
+def test_singular_subspace_data_stays_on_its_subspace():
     """Subspace data (singular S = A A^T): the law at t_min is N(0, alpha^2 S + sigma^2 I); the MC law
     is within 5 SE of the exact discretised law, whose bias against it halves when the steps double."""
     sch = LinearVP()
@@ -119,15 +119,15 @@ def fit_order(ns, errs):
 
 @pytest.mark.parametrize("method,eta,order", [("em", 0.0, 1.0), ("ddpm", 1.0, 1.0), ("ddim", 0.0, 1.0), ("heun", 0.0, 2.0)])
 @pytest.mark.parametrize("schedule", [LinearVP(), ConstantBeta(1.0, 8.0)], ids=["linear", "ou"])
-def test_b_weak_order(method, eta, order, schedule):
-    """(b) Weak order on a Gaussian, fit on step size over n = 80..640 on a uniform grid ending at
+def test_weak_order(method, eta, order, schedule):
+    """Weak order on a Gaussian, fit on step size over n = 80..640 on a uniform grid ending at
     t_min = 0.05: EM, DDPM, DDIM about 1, Heun 2 (within 10%). Measured values: README.md, theory section."""
     ns = (80, 160, 320, 640)
     p = fit_order(ns, weak_errors(method, eta, ns, schedule, t_min=0.05))
     assert abs(p - order) < 0.1 * order, p
 
 
-def test_b_ddpm_down_to_t0_has_a_log_factor():
+def test_ddpm_down_to_t0_has_a_log_factor():
     """Down to t = 0 (OU schedule, sigma^2 ~ t near the data) the DDPM error is O(h log(1/h)), not O(h):
     n * err grows by the same amount each time n doubles (increments equal within 10%), while EM's
     n * err converges (increments shrink below 5% of the level)."""
@@ -140,12 +140,12 @@ def test_b_ddpm_down_to_t0_has_a_log_factor():
     assert abs(ne_em[-1] - ne_em[-2]) < 0.05 * ne_em[-1], ne_em
 
 
-# ----------------------------------------------------------------------------- (h) torchsde
+# ----------------------------------------------------------------------------- torchsde
 
 
 @pytest.mark.parametrize("dt", [None, 0.01])
-def test_h_torchsde_and_native_em_agree_in_law(dt):
-    """(h) sdeint (torchsde Euler, Ito, diagonal) and sample(method='em') on the same grid: both within
+def test_torchsde_and_native_em_agree_in_law(dt):
+    """sdeint (torchsde Euler, Ito, diagonal) and sample(method='em') on the same grid: both within
     5 SE of the exact law of the EM chain (with dt: the chain on the refined grid)."""
     from theory.sde import refine_grid
 
@@ -163,7 +163,7 @@ def test_h_torchsde_and_native_em_agree_in_law(dt):
         assert_law(xn, cm, cP)
 
 
-def test_h_torchsde_states_at_every_grid_time():
+def test_torchsde_states_at_every_grid_time():
     sch = LinearVP()
     m = _problem(7, D=2, schedule=sch)
     ts = time_grid(sch, 20, kind="quadratic")
@@ -185,7 +185,7 @@ class _Scaled(torch.nn.Module):
         return self.theta * self.m(x, t, cond)
 
 
-def test_h_adjoint_gradient_converges_to_the_discrete_gradient():
+def test_adjoint_gradient_converges_to_the_discrete_gradient():
     """sdeint_adjoint's gradient (continuous adjoint, same Brownian path) approaches the gradient
     through the discrete chain as the grid refines: relative gap at 400 steps < gap at 50 steps, < 2%."""
     sch = LinearVP()

@@ -1,4 +1,4 @@
-"""Value functions, the h-transform, path KL and the initial-value bias (THEORY.md 4; issue 2 c-g).
+"""Value functions, the h-transform, path KL and the initial-value bias (docs/theory.md §4).
 
 Monte Carlo tolerances: an estimate passes when it is within 4 of its own standard errors of the
 closed form (two-sided p ~ 6e-5 per comparison under normality); the sampler's discretisation bias is
@@ -53,14 +53,14 @@ def _mixture(D, g, sch, K=3, labels=None):
                            torch.stack([_spd(D, g, 0.5) for _ in range(K)]), sch, labels=labels)
 
 
-# ----------------------------------------------------------------------------- (c) HJB
+# ----------------------------------------------------------------------------- HJB
 
 
 @SET
 @given(st.sampled_from(["gaussian", "singular", "mixture"]), st.sampled_from(["linear", "quadratic"]),
        st.integers(1, 3), st.integers(0, 10_000), st.floats(0.2, 3.0), st.booleans())
-def test_c_closed_form_value_solves_hjb(data, rkind, D, seed, lam, ou):
-    """(c) -d_t v + b.grad v + 1/2 beta (Lap v + |grad v|^2/lam) = 0 at random (x, t), float64, autograd
+def test_closed_form_value_solves_hjb(data, rkind, D, seed, lam, ou):
+    """-d_t v + b.grad v + 1/2 beta (Lap v + |grad v|^2/lam) = 0 at random (x, t), float64, autograd
     derivatives: |residual| < 1e-8 (measured max ~1e-14)."""
     g = torch.Generator().manual_seed(seed)
     sch = ConstantBeta(1.0, 5.0) if ou else LinearVP()
@@ -79,7 +79,7 @@ def test_c_closed_form_value_solves_hjb(data, rkind, D, seed, lam, ou):
         assert torch.allclose(v, r(x), atol=1e-4 * (1 + float(r(x).abs().max())))
 
 
-# ----------------------------------------------------------------------------- (d) Monte Carlo Feynman-Kac
+# ----------------------------------------------------------------------------- Monte Carlo Feynman-Kac
 
 
 MC_CASES = [("gaussian", "linear", "pathwise"), ("gaussian", "quadratic", "pathwise"),
@@ -87,8 +87,8 @@ MC_CASES = [("gaussian", "linear", "pathwise"), ("gaussian", "quadratic", "pathw
 
 
 @pytest.mark.parametrize("data,rkind,estimator", MC_CASES)
-def test_d_monte_carlo_feynman_kac_matches_closed_form(data, rkind, estimator):
-    """(d) mc_value (200 DDPM steps, 4000 paths per point) vs the closed form: v and grad v within 4 SE
+def test_monte_carlo_feynman_kac_matches_closed_form(data, rkind, estimator):
+    """mc_value (200 DDPM steps, 4000 paths per point) vs the closed form: v and grad v within 4 SE
     (+1e-9 absolute for estimates that are exact up to rounding: DDPM's pathwise gradient of a linear
     reward on Gaussian data is deterministic)."""
     g = torch.Generator().manual_seed(11)
@@ -105,7 +105,7 @@ def test_d_monte_carlo_feynman_kac_matches_closed_form(data, rkind, estimator):
     assert (est.v_se > 0).all()
 
 
-# ----------------------------------------------------------------------------- (e) classifier guidance
+# ----------------------------------------------------------------------------- classifier guidance
 
 
 def _labelled_problem():
@@ -116,8 +116,8 @@ def _labelled_problem():
     return m, sch, x
 
 
-def test_e_h_transform_of_log_classifier_is_classifier_guidance():
-    """(e) Labelled mixture, r = log p(y | x0), lam = 1: h_t(x) = E[p(y | X_0) | X_t = x] = p(y | X_t = x), so
+def test_h_transform_of_log_classifier_is_classifier_guidance():
+    """Labelled mixture, r = log p(y | x0), lam = 1: h_t(x) = E[p(y | X_0) | X_t = x] = p(y | X_t = x), so
     the h-transform field grad log h_t equals exact classifier guidance (float64 round-off), at random
     points and times."""
     m, sch, x = _labelled_problem()
@@ -153,7 +153,7 @@ def test_quadrature_log_h_matches_closed_form_linear(D, seed, lam, tfrac):
 
 
 def test_quadrature_h_transform_of_log_classifier_along_the_optimal_path():
-    """(e) by quadrature: r = log p(y | x0), lam = 1 has h_t = p(y | x_t) exactly, so the quadrature field
+    """by quadrature: r = log p(y | x0), lam = 1 has h_t = p(y | x_t) exactly, so the quadrature field
     must match exact classifier guidance. Measured where the optimal process lives (X_t ~ p(x_t | y), the
     tilted marginal): mean relative field error below 1% with 8 nodes (measured 0.02-0.7%), below 3% with
     6, and it falls as nodes are added (the rule converges; the integrand p(y | x0) is smooth)."""
@@ -207,8 +207,8 @@ def _boundary_points(y, t, k=3):
 
 
 @pytest.mark.parametrize("estimator", ["pathwise", "score"])
-def test_e_monte_carlo_feynman_kac_of_log_classifier(estimator):
-    """(e) The same identity by Monte Carlo Feynman-Kac: log h and grad log h from both estimators against the
+def test_monte_carlo_feynman_kac_of_log_classifier(estimator):
+    """The same identity by Monte Carlo Feynman-Kac: log h and grad log h from both estimators against the
     exact noisy classifier and its gradient, within 4 standard errors (delta method), at points where
     p(y | x_t) is in [0.1, 0.9], so that both outcomes occur thousands of times among the 16000 chains and
     the standard-error estimate is itself reliable. The 200-step chain's bias is below 1 SE there (the
@@ -224,7 +224,7 @@ def test_e_monte_carlo_feynman_kac_of_log_classifier(estimator):
     assert ((est.grad - field).abs() <= 4 * est.grad_se).all(), (est.grad - field) / est.grad_se
 
 
-def test_e_monte_carlo_rare_event_limit():
+def test_monte_carlo_rare_event_limit():
     """Where p(y | x_t) = 1 - eps with eps << 1/n, the chains almost never end in the other class; the
     delta-method standard error then measures only the spread inside the typical region and is NOT a
     valid error bar (measured: 7.8 "SE" off at eps = 8.9e-7, an absolute error 7.7e-7 that does not shrink
@@ -239,7 +239,7 @@ def test_e_monte_carlo_rare_event_limit():
     assert ((est.log_h - exact).abs()[rare] <= 4 * est.v_se[rare] + 2 * eps[rare]).all()
 
 
-# ----------------------------------------------------------------------------- (f) tilted targets, bias
+# ----------------------------------------------------------------------------- tilted targets, bias
 
 
 def _gauss_problem(seed, D, rkind):
@@ -252,8 +252,8 @@ def _gauss_problem(seed, D, rkind):
 @SET
 @given(st.sampled_from(["linear", "quadratic"]), st.integers(1, 3), st.integers(0, 10_000), st.floats(0.5, 2.0),
        st.sampled_from(["em", "ddpm"]))
-def test_f_optimal_drift_from_tilted_initial_law_reaches_the_target(rkind, D, seed, lam, method):
-    """(f) h-transform guidance started from the tilted initial law h_T p_T: the exact law of the
+def test_optimal_drift_from_tilted_initial_law_reaches_the_target(rkind, D, seed, lam, method):
+    """h-transform guidance started from the tilted initial law h_T p_T: the exact law of the
     discretised chain converges to p* = p_0 e^{r/lam}/Z at first order (bias halves when steps double,
     and is < 5% of the target's scale at 400 steps)."""
     m, r, sch = _gauss_problem(seed, D, rkind)
@@ -271,8 +271,8 @@ def test_f_optimal_drift_from_tilted_initial_law_reaches_the_target(rkind, D, se
 
 
 @pytest.mark.parametrize("rkind", ["linear", "quadratic"])
-def test_f_sampled_tilted_law_monte_carlo(rkind):
-    """(f) The same by sampling: sample() with the h-transform field from the tilted initial law, 20000
+def test_sampled_tilted_law_monte_carlo(rkind):
+    """The same by sampling: sample() with the h-transform field from the tilted initial law, 20000
     samples, mean within 5 SE of the exact discretised law (itself within 1.5% of p* at 200 steps)."""
     m, r, sch = _gauss_problem(3, 2, rkind)
     lam = 0.8
@@ -290,8 +290,8 @@ def test_f_sampled_tilted_law_monte_carlo(rkind):
 
 @SET
 @given(st.sampled_from(["linear", "quadratic"]), st.integers(1, 3), st.integers(0, 10_000), st.floats(0.5, 2.0))
-def test_f_untilted_initial_law_gives_the_closed_form_biased_law(rkind, D, seed, lam):
-    """(f) From the untilted p_T the discretised chain's law converges to ``biased_terminal_gaussian``
+def test_untilted_initial_law_gives_the_closed_form_biased_law(rkind, D, seed, lam):
+    """From the untilted p_T the discretised chain's law converges to ``biased_terminal_gaussian``
     (bias against it halves when steps double), which differs from p* when alpha(T) is not small."""
     g = torch.Generator().manual_seed(seed)
     sch = ConstantBeta(1.0, 1.5)  # alpha(T) = 0.47: X_T remembers X_0
@@ -316,8 +316,8 @@ def test_f_untilted_initial_law_gives_the_closed_form_biased_law(rkind, D, seed,
         assert err[1] < err_star / 5, (err, err_star, gap)
 
 
-def test_f_bias_shrinks_like_alpha_squared():
-    """(f) Closed form, linear reward: mean bias = -alpha^2 S (alpha^2 S + sigma^2 I)^-1 S b / lam, so
+def test_bias_shrinks_like_alpha_squared():
+    """Closed form, linear reward: mean bias = -alpha^2 S (alpha^2 S + sigma^2 I)^-1 S b / lam, so
     bias / alpha(T)^2 -> |S^2 b| / lam as alpha(T) -> 0 (within 1% at T = 12); the bias decreases in T for
     quadratic rewards too, and the covariance is exact for linear rewards."""
     g = torch.Generator().manual_seed(2)
@@ -342,11 +342,11 @@ def test_f_bias_shrinks_like_alpha_squared():
     assert bias / float(sch.alpha(T)) ** 2 == pytest.approx(limit, rel=0.01)
 
 
-# ----------------------------------------------------------------------------- (g) path KL
+# ----------------------------------------------------------------------------- path KL
 
 
-def test_g_discretised_path_kl_converges_to_girsanov():
-    """(g) Linear reward on Gaussian data: the h-transform field g_t is constant in x, so the path KL of
+def test_discretised_path_kl_converges_to_girsanov():
+    """Linear reward on Gaussian data: the h-transform field g_t is constant in x, so the path KL of
     the steered chain to the pre-trained one is deterministic. The discretised KL (sum of exact
     per-transition KLs, summed over dimensions) -> 1/2 int beta |g|^2 dt (= 1/2 int |u|^2/beta, u = beta g),
     at first order for EM and DDPM; within 1% at 800 steps."""
@@ -375,7 +375,7 @@ def test_g_discretised_path_kl_converges_to_girsanov():
         assert errs[-1] < 0.01 * exact, (method, errs, exact)
 
 
-def test_g_path_kl_function_and_torchsde_agree_with_the_solver():
+def test_path_kl_function_and_torchsde_agree_with_the_solver():
     """path_kl on stored states equals the KL accumulated by sample(); torchsde's Girsanov coordinate
     equals it for EM with a state-independent control; gaussian_kl equals torch.distributions'."""
     g = torch.Generator().manual_seed(1)
