@@ -47,6 +47,7 @@ __all__ = ["GuideConfig", "load_config", "FlatEps", "build_context", "reference"
 CONFIG_DIR = Path(__file__).with_name("configs")
 METHODS = ("G", "G_loss")
 SAMPLERS = ("ddpm", "ddim", "em")
+NOISE = ("fixed", "fresh")
 
 
 # ============================================================================ configuration
@@ -64,6 +65,9 @@ class GuideConfig:
     Algorithm: ``methods`` ('G', 'G_loss'), ``strengths`` (delta per round in units of the pre-trained
     reward's standard deviation), ``sigma_y`` (same units), ``rounds``, ``n`` chains per configuration,
     ``algorithm`` 1 or 2 (with ``ft_start``, ``ft_steps``, ``ft_lr``: Algorithm 2's score fine-tuning).
+    ``noise``: 'fixed' - every chain keeps its x_T and sampler noise in every round (Algorithm 1 only), so a
+    round changes a chain's image only through the guidance and the grid shows one image evolving; 'fresh' -
+    new noise every round (``theory.gradient_guidance.optimize_batched``, Algorithms 1 and 2).
     Measures: ``pca_n`` reference latents, ``pca_var`` variance held by the top-k directions,
     ``jpeg_upscale`` for the true JPEG size, ``grid_n`` samples kept per configuration at ``grid_rounds``
     (None = 0, 1/3, 2/3 and the last round), ``batch`` for reference sampling and decoding,
@@ -86,6 +90,7 @@ class GuideConfig:
     rounds: int = 8
     n: int = 8
     algorithm: int = 1
+    noise: str = "fixed"
     ft_start: int = 0
     ft_steps: int = 1
     ft_lr: float = 1e-5
@@ -127,6 +132,10 @@ class GuideConfig:
             raise ValueError(f"algorithm: 1 (fixed score) or 2 (score fine-tuning), got {self.algorithm!r}")
         if self.algorithm == 2 and (self.ft_start < 0 or not self.ft_lr > 0):
             raise ValueError(f"ft_start, ft_lr: need ft_start >= 0 and ft_lr > 0, got {self.ft_start}, {self.ft_lr}")
+        if self.noise not in NOISE:
+            raise ValueError(f"noise: one of {NOISE}, got {self.noise!r}")
+        if self.noise == "fixed" and self.algorithm == 2:
+            raise ValueError("noise: Algorithm 2 runs with fresh noise every round (noise 'fresh')")
         if self.method not in SAMPLERS:
             raise ValueError(f"method: one of {SAMPLERS} (stochastic: 'ddpm', 'em'; 'ddim' is eta 0), got {self.method!r}")
         if not 0.0 < self.pca_var < 1.0:
@@ -343,6 +352,59 @@ def time_rounds(ctx: Context, cfg: GuideConfig, objective, x0: torch.Tensor) -> 
     return out
 
 
+# ============================================================================ Algorithm 1 with fixed noise
+
+
+def algorithm1_fixed_noise(ctx: Context, cfg: GuideConfig, objective, runs, metrics, keep) -> list:
+    """Algorithm 1 (docs/theory.md (7.5)) for the configurations ``runs`` with each chain's x_T and sampler noise
+    drawn once (from ``cfg.seed``, the same for every configuration) and kept in every round: round k + 1 is the
+    pre-trained sampler from chain i's own noise, guided by G or G_loss toward (g_k, y_k = g_k.x_k + delta).
+    All configurations' chains share one network call per step (the field takes the kind and delta per chain:
+    ``theory.gradient_guidance.gradient_guidance``). Returns one ``OptimResult`` per run."""
+    from theory.gradient_guidance import OptimResult, gradient_guidance, objective_and_grad
+    from theory.solvers import is_stochastic, sample
+
+    n, D = cfg.n, ctx.model.dim
+    gen = torch.Generator().manual_seed(cfg.seed)
+    xT = torch.randn(n, D, generator=gen)
+    S = len(runs)
+    noise = None
+    if is_stochastic(cfg.method):
+        noise = torch.randn(ctx.ts.numel() - 1, n, D, generator=gen).repeat(1, S, 1)
+    XT = xT.repeat(S, 1)
+    look = torch.cat([torch.full((n,), r.guidance == "G_loss") for r in runs])
+    delta = torch.cat([torch.full((n,), float(r.delta)) for r in runs])
+    values, mets, kept = [[] for _ in runs], [[] for _ in runs], [{} for _ in runs]
+    times = []
+
+    def record(k, x, f):
+        for j in range(S):
+            xj, fj = x[j * n:(j + 1) * n], f[j * n:(j + 1) * n]
+            values[j].append(fj)
+            mets[j].append(metrics(xj, fj))
+            if k in keep:
+                kept[j][k] = xj.clone()
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        x = sample(ctx.model, ctx.schedule, XT, ctx.ts, method=cfg.method, noise=noise).x0
+    f, g = objective_and_grad(objective, x)
+    times.append(time.perf_counter() - t0)
+    record(0, x, f)
+    for k in range(cfg.rounds):
+        t0 = time.perf_counter()
+        y = (g * x).sum(-1) + delta
+        field = gradient_guidance(ctx.schedule, g, y, cfg.sigma_y, lookahead=look if 0 < int(look.sum()) < len(look)
+                                  else bool(look[0]), model=ctx.model)
+        with torch.no_grad():
+            x = sample(ctx.model, ctx.schedule, XT, ctx.ts, method=cfg.method, guidance=field, noise=noise).x0
+        f, g = objective_and_grad(objective, x)
+        times.append(time.perf_counter() - t0)
+        record(k + 1, x, f)
+    return [OptimResult(values=values[j], metrics=mets[j], x=x[j * n:(j + 1) * n], samples=kept[j],
+                        round_times=list(times), model=ctx.model) for j in range(S)]
+
+
 # ============================================================================ the experiment
 
 
@@ -422,18 +484,21 @@ def run(cfg: GuideConfig, out=None, *, pipe=None, progress: bool = False) -> dic
               metrics=_metrics_fn(ctx, cfg, ref, judge), keep_rounds=keep, dtype=torch.float32)
     t0 = time.perf_counter()
     batched = True
-    try:
-        results = optimize_batched(model, ctx.schedule, objective, runs, **kw)
-    except (RuntimeError, NotImplementedError) as e:
-        # Algorithm 2's per-run copies are evaluated together by torch.func.vmap over stacked parameters; a
-        # network that vmap cannot trace falls back to the runs one after another (same results per run).
-        if cfg.algorithm != 2:
-            raise
-        batched = False
-        if progress:
-            print(f"batched Algorithm 2 not possible for this network ({type(e).__name__}: {str(e)[:120]}); "
-                  "running the configurations one by one", flush=True)
-        results = [optimize_batched(model, ctx.schedule, objective, [r], **kw)[0] for r in runs]
+    if cfg.noise == "fixed":
+        results = algorithm1_fixed_noise(ctx, cfg, objective, runs, kw["metrics"], keep)
+    else:
+        try:
+            results = optimize_batched(model, ctx.schedule, objective, runs, **kw)
+        except (RuntimeError, NotImplementedError) as e:
+            # Algorithm 2's per-run copies are evaluated together by torch.func.vmap over stacked parameters; a
+            # network that vmap cannot trace falls back to the runs one after another (same results per run).
+            if cfg.algorithm != 2:
+                raise
+            batched = False
+            if progress:
+                print(f"batched Algorithm 2 not possible for this network ({type(e).__name__}: {str(e)[:120]}); "
+                      "running the configurations one by one", flush=True)
+            results = [optimize_batched(model, ctx.schedule, objective, [r], **kw)[0] for r in runs]
     t_opt = time.perf_counter() - t0
     if cfg.algorithm == 2:
         model.requires_grad_(False)

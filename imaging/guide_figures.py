@@ -21,11 +21,11 @@ from theory.registry import figure
 __all__ = ["QUICK", "FULL", "ALG2", "experiment", "draw"]
 
 #: quick settings (the registry's --quick): 3 strengths x 2 methods x 6 chains, 6 rounds, 15 steps.
-QUICK = dict(strengths=(0.5, 1.0, 2.0), rounds=6, n=6, steps=15, pca_n=384, grid_n=3)
+QUICK = dict(strengths=(0.25, 0.5, 1.0), rounds=6, n=6, steps=15, pca_n=384, grid_n=3)
 #: full settings.
-FULL = dict(strengths=(0.25, 0.5, 1.0, 2.0), rounds=12, n=12, steps=20, pca_n=1024, grid_n=4)
-#: Algorithm 2 on top of either: fine-tuning from round 0, one Adam step per round.
-ALG2 = dict(algorithm=2, ft_start=0, ft_steps=1, ft_lr=1e-5)
+FULL = dict(strengths=(0.25, 0.5, 1.0, 2.0), rounds=15, n=16, steps=20, pca_n=1024, grid_n=4)
+#: Algorithm 2 on top of either: fresh noise every round, fine-tuning from round 0, one Adam step per round.
+ALG2 = dict(algorithm=2, noise="fresh", ft_start=0, ft_steps=1, ft_lr=1e-5)
 
 
 def experiment(quick: bool, algorithm: int = 1) -> dict:
@@ -132,6 +132,7 @@ def draw(d: dict):
         rt = (f"; runtime ({t['n_chains']} chains, {t['steps']} steps): unguided pass {t['unguided_pass_s']:.2f}s, "
               + ", ".join(f"round with {m} {t[f'round_{m}_s']:.2f}s ({t[f'ratio_{m}']:.2f}x)" for m in cfg["methods"]))
     alg = "Algorithm 1" if cfg["algorithm"] == 1 else f"Algorithm 2 (Adam lr {cfg['ft_lr']:g} from round {cfg['ft_start']})"
+    alg += ", each chain's noise fixed across rounds" if cfg.get("noise") == "fixed" else ", fresh noise every round"
     fig.suptitle(f"Gradient guidance on the digits pipeline, {alg}: '{cfg['prompt']}', CFG {cfg['guidance_scale']:g}, "
                  f"{cfg['steps']} {cfg['method']} steps, {cfg['n']} chains per config; strength = delta per round in "
                  f"pre-trained reward sds ({ref['reward_sd']:.3g}), sigma_y {cfg['sigma_y']:g} sd{rt}", fontsize=9)

@@ -56,6 +56,17 @@ def test_algorithm1_records_every_configuration_from_the_same_noise(alg1):
     assert all(v.dtype == torch.uint8 and v.shape[:2] == (2, 3) for v in s.values())
 
 
+def test_batched_configurations_equal_each_run_alone(alg1, pipe):
+    """Fixed noise: the four configurations in one network call per step give, per configuration, what that
+    configuration gives alone from the same seed, up to the round-off of a larger batch (float32)."""
+    res, _ = alg1
+    alone = run(GuideConfig(**dict(TINY, methods=("G_loss",), strengths=(1.0,), timing=False, grid_n=0)), None, pipe=pipe)
+    a, b = alone["configs"][0]["rounds"], res["configs"][3]["rounds"]
+    for ra, rb in zip(a, b):
+        assert ra["reward_raw"] == pytest.approx(rb["reward_raw"], rel=1e-4)
+        assert ra["off_subspace"] == pytest.approx(rb["off_subspace"], rel=1e-3)
+
+
 def test_flat_eps_is_the_latent_eps_reshaped(pipe):
     from imaging.pipeline import LatentEps, encode_prompts, schedule_of
 
@@ -87,7 +98,8 @@ def test_off_subspace_fraction_is_r_off_squared_over_one_plus(k, seed):
 @pytest.mark.parametrize("over, match", [
     (dict(methods=("G", "X")), "methods"), (dict(strengths=(0.0,)), "strengths"), (dict(algorithm=3), "algorithm"),
     (dict(pca_var=1.0), "pca_var"), (dict(method="heun"), "method"), (dict(rounds=0), "rounds"),
-    (dict(grid_rounds=(0, 9)), "grid_rounds"), (dict(prompt=""), "prompt"),
+    (dict(grid_rounds=(0, 9)), "grid_rounds"), (dict(prompt=""), "prompt"), (dict(noise="new"), "noise"),
+    (dict(algorithm=2), "noise"),
 ])
 def test_bad_config_names_the_key(over, match):
     with pytest.raises(ValueError, match=match):
@@ -108,12 +120,12 @@ def test_a_reward_without_gradient_is_refused(pipe):
 
 def test_algorithm2_fine_tunes_copies_and_leaves_the_pipeline_unchanged(pipe):
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    res = run(GuideConfig(**dict(TINY, algorithm=2, ft_lr=1e-3, timing=False, grid_n=0)), None, pipe=pipe)
+    res = run(GuideConfig(**dict(TINY, algorithm=2, noise="fresh", ft_lr=1e-3, timing=False, grid_n=0)), None, pipe=pipe)
     assert res["batched"] and res["timing"] is None and len(res["configs"]) == 4
     assert all(torch.equal(before[k], v) for k, v in pipe.unet.state_dict().items())
     assert not any(p.requires_grad for p in pipe.unet.parameters())
     # fine-tuning changes round 1's samples relative to Algorithm 1 from the same noise
-    res1 = run(GuideConfig(**dict(TINY, timing=False, grid_n=0)), None, pipe=pipe)
+    res1 = run(GuideConfig(**dict(TINY, noise="fresh", timing=False, grid_n=0)), None, pipe=pipe)
     # round 0 is the same pre-trained batch, up to the round-off of the copies' vmap evaluation
     r0, r0_1 = res["configs"][0]["rounds"][0]["reward_raw"], res1["configs"][0]["rounds"][0]["reward_raw"]
     assert r0 == pytest.approx(r0_1, rel=1e-5)
