@@ -53,7 +53,9 @@ class SDFinetuneConfig:
     pipeline instead (CPU smoke runs). ``method``: one of METHODS; ``k`` for DRaFT-K (an int, or
     "lo,hi" drawn once per sample), ``lv_n`` for DRaFT-LV, ``refl_steps`` (lo, hi) for ReFL (hi <=
     sample_steps). ``lora_targets``: 'attn', 'attn+ff' or a sequence of module names. ``dtype``: the
-    frozen weights' dtype. ``n_labels`` > 0 adds a CTRL label embedding (n_labels classes + NULL) to the
+    frozen weights' dtype. ``reward_options``: keyword arguments of the reward for ``imaging.rewards.make_reward``
+    (e.g. ``clip_path`` and ``head_path`` of 'aesthetic'; ``quality`` of the JPEG rewards). ``n_labels`` > 0
+    adds a CTRL label embedding (n_labels classes + NULL) to the
     UNet's time embedding; the conditions are then (prompt, label) pairs. ``batch_size`` is per process."""
 
     model: Optional[str] = None
@@ -85,6 +87,7 @@ class SDFinetuneConfig:
     device: Optional[str] = None
     dtype: str = "float32"
     progress: bool = True
+    reward_options: Optional[dict] = None
 
 
 def parse_k(k) -> Union[int, tuple]:
@@ -162,7 +165,7 @@ def engine_config(cfg: SDFinetuneConfig):
 def validate(cfg: SDFinetuneConfig):
     """Every check that needs no model: returns (strategy, engine config). Errors name the CLI option."""
     from .pipeline import DTYPES, check_pipeline_folder, resolve_device, resolve_dtype
-    from .rewards import IMAGE_REWARDS
+    from .rewards import IMAGE_REWARDS, reward_names
 
     if cfg.tiny == (cfg.model is not None):
         raise ValueError("--model: pass the local folder of a diffusers pipeline, or --tiny for a toy pipeline (one of the two)")
@@ -187,9 +190,11 @@ def validate(cfg: SDFinetuneConfig):
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     lora_target_modules(cfg.lora_targets)
-    if cfg.reward not in IMAGE_REWARDS:
-        raise ValueError(f"--reward: unknown '{cfg.reward}', choose from {', '.join(sorted(IMAGE_REWARDS))}")
-    if cfg.method != "ddpo" and not getattr(IMAGE_REWARDS[cfg.reward], "differentiable", True):
+    if cfg.reward not in IMAGE_REWARDS and cfg.reward not in reward_names():
+        raise ValueError(f"--reward: unknown '{cfg.reward}', choose from {', '.join(sorted(set(IMAGE_REWARDS) | set(reward_names())))}")
+    if cfg.reward_options is not None and not isinstance(cfg.reward_options, dict):
+        raise ValueError(f"reward_options: a mapping of the reward's keyword arguments, got {cfg.reward_options!r}")
+    if cfg.method != "ddpo" and not getattr(IMAGE_REWARDS.get(cfg.reward), "differentiable", True):
         raise ValueError(f"--reward: '{cfg.reward}' has no gradient; use --method ddpo for it")
     if cfg.method == "refl":
         lo_hi = tuple(cfg.refl_steps)
@@ -251,7 +256,7 @@ def build(cfg: SDFinetuneConfig, device: Optional[str] = None):
         schedule_of,
         scheduler_grid,
     )
-    from .rewards import LatentReward
+    from .rewards import IMAGE_REWARDS, LatentReward
 
     device = resolve_device(device or cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -279,7 +284,12 @@ def build(cfg: SDFinetuneConfig, device: Optional[str] = None):
     model = SteeredModel(base, lora_rank=cfg.lora_rank, lora_targets=targets, **kw)
     model.to(device)
     ts = scheduler_grid(pipe.scheduler, cfg.sample_steps)
-    reward = LatentReward(pipe, cfg.reward)
+    if cfg.reward in IMAGE_REWARDS and not cfg.reward_options:
+        reward = LatentReward(pipe, cfg.reward)
+    else:  # a learnt reward (weights from local files) or options: imaging.rewards.make_reward
+        from .rewards import make_reward
+
+        reward = make_reward(pipe, cfg.reward, **(cfg.reward_options or {}))
     return pipe, model, sch, ts, reward
 
 
@@ -313,8 +323,12 @@ def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
     out = Path(cfg.out)
     if is_main:
         check_out_dir(out)
-    device = getattr(dist, "device", None) if cfg.device is None else None
-    pipe, model, sch, ts, reward = build(cfg, device=str(device) if device is not None else None)
+    device = None
+    if dist is not None and int(dist.world_size) > 1 and getattr(dist, "device", None) is not None:
+        # each process on its own device: the launcher's (cuda:LOCAL_RANK), unless --device names an index
+        if cfg.device is None or torch.device(cfg.device).index is None:
+            device = str(dist.device)
+    pipe, model, sch, ts, reward = build(cfg, device=device)
     device = next(model.parameters()).device
     shape = latent_shape(pipe)
     P = len(cfg.prompts)

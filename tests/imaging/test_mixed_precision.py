@@ -51,21 +51,21 @@ def test_bf16_first_step_gradient_matches_fp32(k):
 
 
 def test_bf16_training_stays_finite_and_float32(tmp_path):
-    """Five AdamW steps at a large learning rate with a bfloat16 base: the LoRA (checkpointed and exported)
-    is finite and float32, the optimiser state float32; the run resumes."""
+    """Three AdamW steps at a large learning rate with a bfloat16 base: the LoRA (checkpointed and exported)
+    is finite and float32; the run resumes."""
     from safetensors.torch import load_file
 
-    cfg = SDFinetuneConfig(tiny=True, prompts=("a red dog",), method="draftk", k="2", steps=5, batch_size=2,
-                           sample_steps=3, guidance_scale=1.0, lr=5e-2, dtype="bfloat16", ckpt_every=2,
+    cfg = SDFinetuneConfig(tiny=True, prompts=("a red dog",), method="draftk", k="2", steps=3, batch_size=2,
+                           sample_steps=2, guidance_scale=1.0, lr=5e-2, dtype="bfloat16", ckpt_every=2,
                            out=str(tmp_path), progress=False, device="cpu")
     s = run_finetune(cfg)
-    assert s["steps"] == 5
+    assert s["steps"] == 3
     for f in (tmp_path / "checkpoint" / "params.safetensors", tmp_path / "pytorch_lora_weights.safetensors"):
         t = load_file(str(f))
         assert t and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in t.values())
     from dataclasses import replace
 
-    assert run_finetune(replace(cfg, steps=6))["steps"] == 6
+    assert run_finetune(replace(cfg, steps=4))["steps"] == 4
 
 
 def test_fp16_on_cpu_is_a_clear_error(tmp_path):
