@@ -44,8 +44,15 @@ def add_parser(sub) -> None:
                                      "the digits pipeline trained here, built into the cache on first use "
                                      "(prompts such as 'a handwritten digit 7')")
     src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
+    f.add_argument("--config", default=None, metavar="FILE",
+                   help="a JSON file of settings, keys = the fields of imaging.finetune.SDFinetuneConfig (e.g. "
+                        "imaging/configs/draft_sd15.json, DRaFT's SD setting; keys starting with '_' are comments); "
+                        "an option given here with a value other than its default overrides the file")
     f.add_argument("--prompt", nargs="+", default=["a photo of a cat"], help="training prompts")
-    f.add_argument("--reward", default="colourfulness", help="colourfulness, brightness or compressibility (DDPO only)")
+    f.add_argument("--reward", default="colourfulness",
+                   help="colourfulness, brightness, diff-compressibility, diff-incompressibility, compressibility "
+                        "(DDPO only); learnt rewards (aesthetic, clip-score) need their local files as "
+                        "reward_options in a --config file")
     f.add_argument("--method", default="draftk", help="draft, draftk, draftlv, refl, adjoint or ddpo")
     f.add_argument("--k", default="1", help="DRaFT-K: K, or 'lo,hi' drawn once per sample")
     f.add_argument("--lv-n", type=int, default=2, help="DRaFT-LV: re-noisings of the final sample")
@@ -73,7 +80,7 @@ def add_parser(sub) -> None:
                    help="dtype of the frozen pipeline weights; LoRA and optimiser state stay float32 (float16 needs a GPU)")
     f.add_argument("--no-progress", action="store_true")
     f.add_argument("--out", default="runs/sd-finetune", help="output folder (resumed from if it holds a checkpoint)")
-    f.set_defaults(func=run_finetune_cmd)
+    f.set_defaults(func=run_finetune_cmd, option_defaults={d: f.get_default(d) for d in _FILE_KEYS.values()})
     add_digits_parser(sub)
 
 
@@ -86,10 +93,52 @@ def _refl_steps(v: str) -> tuple:
     return (int(m.group(1)), int(m.group(2)))
 
 
+#: SDFinetuneConfig field -> the sd-finetune option (dest) that sets it
+_FILE_KEYS = {"model": "model", "tiny": "tiny", "prompts": "prompt", "reward": "reward", "method": "method", "k": "k",
+              "lv_n": "lv_n", "refl_steps": "refl_steps", "steps": "steps", "batch_size": "batch_size",
+              "sample_steps": "sample_steps", "eta": "eta", "guidance_scale": "guidance_scale", "lam": "lam",
+              "lr": "lr", "weight_decay": "weight_decay", "lr_schedule": "lr_schedule", "grad_clip": "grad_clip",
+              "lora_rank": "lora_rank", "lora_targets": "lora_targets", "grad_checkpoint": "grad_checkpoint",
+              "seed": "seed", "ckpt_every": "ckpt_every", "device": "device", "dtype": "dtype", "out": "out"}
+
+
+def _read_finetune_file(path: str) -> dict:
+    """The settings of a --config file (keys: SDFinetuneConfig fields; '_'-keys are comments)."""
+    import json
+    from dataclasses import fields
+    from pathlib import Path
+
+    from .finetune import SDFinetuneConfig
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--config: no file at '{p}' (see imaging/configs/ for examples)")
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--config: '{p}' is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"--config: '{p}' must hold a JSON object of settings")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    names = {f.name for f in fields(SDFinetuneConfig)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"--config: unknown key(s) {unknown} in '{p}'; valid keys: {sorted(names)}")
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+
+
 def run_finetune_cmd(args) -> int:
+    from dataclasses import replace
+
     from .finetune import SDFinetuneConfig, run_finetune
 
-    use_default_model(args)
+    file_cfg = _read_finetune_file(args.config) if getattr(args, "config", None) else {}
+    defaults = getattr(args, "option_defaults", {})
+    # the file's value unless the command line set the option to something other than its default
+    given = {k for k, dest in _FILE_KEYS.items() if getattr(args, dest) != defaults.get(dest, getattr(args, dest))}
+    if not args.tiny and args.model is None and not file_cfg.get("tiny") and file_cfg.get("model") is not None:
+        args.model = file_cfg["model"]
+    file_cfg = {k: v for k, v in file_cfg.items() if k not in given and k not in ("model", "tiny")}
     cfg = SDFinetuneConfig(model=args.model, tiny=args.tiny, prompts=tuple(args.prompt), reward=args.reward,
                            method=args.method, k=args.k, lv_n=args.lv_n, refl_steps=_refl_steps(args.refl_steps),
                            steps=args.steps, batch_size=args.batch_size, sample_steps=args.sample_steps, eta=args.eta,
@@ -99,6 +148,16 @@ def run_finetune_cmd(args) -> int:
                            grad_checkpoint=args.grad_checkpoint, seed=args.seed, out=args.out,
                            ckpt_every=args.ckpt_every, device=args.device, dtype=args.dtype,
                            progress=not args.no_progress)
+    if file_cfg:
+        cfg = replace(cfg, **file_cfg)
+    if cfg.model is None and not cfg.tiny:
+        # the default model may be trained on first use: every other argument and --out are checked first
+        from .finetune import check_out_dir, validate
+
+        validate(replace(cfg, tiny=True))
+        check_out_dir(cfg.out)
+        use_default_model(args)
+        cfg = replace(cfg, model=args.model)
     from .distributed import from_environment
 
     dist = from_environment(args.device)  # an accelerate / torchrun launch with several processes, else None

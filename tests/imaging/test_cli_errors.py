@@ -173,3 +173,20 @@ def test_tiny_pipeline_leaves_no_temp_folder(monkeypatch, tmp_path):
     p = tiny_pipeline()
     assert list(tmp_path.glob("diffsteer-tok-*")) == []
     assert p.tokenizer("a photo of a cat").input_ids[0] == p.tokenizer.bos_token_id
+
+
+def test_default_model_not_built_before_the_arguments_are_checked(monkeypatch, tmp_path, capsys):
+    """Without --model the digits pipeline is the default, trained on first use: a bad argument or --out is
+    reported before that (minutes of) work starts."""
+    import imaging.digits_pipeline
+
+    def boom(*a, **k):
+        raise AssertionError("the default pipeline was built before the arguments were checked")
+
+    monkeypatch.setattr(imaging.digits_pipeline, "ensure_digits_pipeline", boom)
+    base = ["sd-finetune", "--steps", "1", "--sample-steps", "2", "--no-progress", "--device", "cpu"]
+    assert "--eta" in _err(capsys, base + ["--eta", "2", "--out", str(tmp_path / "o")])
+    f = tmp_path / "f"
+    f.write_text("")
+    assert "--out" in _err(capsys, base + ["--out", str(f)])
+    assert "--eta" in _err(capsys, ["sd-sample", "--eta", "2", "--out", str(tmp_path / "s")])
