@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from theory.engine import DRaFTK, DRaFTLV, FinetuneConfig, SteeredModel, finetune
+from theory.engine import DDPO, DRaFTK, DRaFTLV, FinetuneConfig, SteeredModel, finetune
 from theory.nets import EpsMLP
 from theory.schedules import LinearVP
 
@@ -52,15 +52,17 @@ def _model():
 
 def _run(model, b, steps, strategy, dist=None, out=None):
     cfg = FinetuneConfig(steps=steps, batch_size=b, n_steps=4, eta=1.0, lam=0.1, lr=1e-2, seed=1, progress=False,
-                         out_dir=out)
+                         out_dir=out, t_min=1e-3)
     return finetune(model, SCH, reward, strategy, cfg, dist=dist,
                     x_T_sampler=lambda n, g: torch.randn(n, 2, generator=g, dtype=torch.float64),
                     cond_sampler=lambda n, g: torch.randint(0, 3, (n,), generator=g))
 
 
-@pytest.mark.parametrize("strategy", [DRaFTK((1, 3)), DRaFTLV(2)], ids=["draftk-range", "draftlv"])
+@pytest.mark.parametrize("strategy", [DRaFTK((1, 3)), DRaFTLV(2), DDPO(inner_steps=2)],
+                         ids=["draftk-range", "draftlv", "ddpo"])
 def test_two_ranks_equal_one_process_with_the_combined_batch(strategy, tmp_path):
-    """2 ranks x batch 3 vs 1 process x batch 6, 3 steps, float64: the LoRA parameters and the history's
+    """2 ranks x batch 3 vs 1 process x batch 6, 3 steps, float64 (DDPO: advantages over the combined
+    batch, gathered exactly through the mean all-reduce): the LoRA parameters and the history's
     reward / KL / loss agree (the only difference is the order of float sums: the mean of two per-rank
     means vs one mean of six; round-off ~1e-16 per operation, grown over 3 AdamW steps: 1e-12 relative
     on the parameters; the history records the batch means in float32, so 1e-6 there), and only rank 0

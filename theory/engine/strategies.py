@@ -145,6 +145,18 @@ class StepContext:
         return sample(self.model, self.schedule, x_T, ts, method=c.method, eta=c.eta,
                       cond=kw.pop("cond", self.cond), generator=self.noise_gen, checkpoint=c.checkpoint, **kw)
 
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """The combined batch's values (k b, ...) of a per-sample tensor (b, ...) of this rank, through the
+        group's mean all-reduce: each rank contributes k t in its own rows and zeros elsewhere, in float64,
+        so the mean returns every rank's values exactly (k t and the sum are exact; (k t) / k = t)."""
+        k, b = self.dist.world_size, t.shape[0]
+        if k == 1:
+            return t
+        full = torch.zeros((k * b,) + tuple(t.shape[1:]), dtype=torch.float64, device=t.device)
+        full[self.dist.rank * b:(self.dist.rank + 1) * b] = t.double() * k
+        self.dist.all_reduce_mean_([full])
+        return full.to(t.dtype)
+
     def call_reward(self, x0, cond=None):
         return call_reward(self.reward, x0, self.cond if cond is None else cond, self.step)
 
@@ -354,6 +366,12 @@ class Adjoint(Strategy):
         return r.mean(), r.detach(), None
 
 
+def _cond_key(cond, B: int) -> torch.Tensor:
+    """(B, k) rows identifying each sample's condition (for per-condition statistics)."""
+    c = cond.key() if hasattr(cond, "key") else torch.as_tensor(cond)
+    return c.reshape(B, -1)
+
+
 def normalise_per_condition(r: torch.Tensor, cond, eps: float = 1e-8) -> torch.Tensor:
     """Advantages A_b = (r_b - mean_c) / (std_c + eps) over the samples sharing b's condition c (DDPO sec. 4,
     per-prompt normalisation). Conditions seen once (or cond None) use the batch's mean and std."""
@@ -369,8 +387,7 @@ def normalise_per_condition(r: torch.Tensor, cond, eps: float = 1e-8) -> torch.T
         return torch.zeros_like(r)
     if cond is None:
         return glob
-    c = cond.key() if hasattr(cond, "key") else torch.as_tensor(cond, device=r.device)
-    c = c.to(r.device).reshape(r.shape[0], -1)
+    c = _cond_key(cond, r.shape[0]).to(r.device)
     out = glob.clone()
     uniq, inv = torch.unique(c, dim=0, return_inverse=True)
     for u in range(uniq.shape[0]):
@@ -397,9 +414,11 @@ class DDPO(Strategy):
     the rewards normalised per condition; with lam > 0 the return is r - lam * sum_i log p(x_{i+1}|x_i) /
     p_ref(x_{i+1}|x_i) (an unbiased estimate of the path KL whose score-function gradient is the KL's).
     Then ``inner_steps`` passes over ``minibatches`` chunks of the samples, each one engine update on the
-    clipped surrogate averaged over steps and samples, log-probabilities recomputed with
-    ``solvers.transition``. The old log-probabilities are computed by the same code on the same chunks
-    before the first update, so the ratio is exactly 1 at the first inner step (first chunk)."""
+    clipped surrogate averaged over steps and samples, log-probabilities recomputed with ``solvers.replay``.
+    The old log-probabilities are computed by the same code on the same chunks before the first update, so
+    the ratio is exactly 1 at the first inner step (first chunk). With k processes the advantages are those
+    of the combined batch, and minibatch j is the union of the ranks' j-th chunks (with minibatches=1 a
+    k-process run equals one process with the combined batch up to the all-reduce's float order)."""
 
     clip: float = 0.2
     inner_steps: int = 4
@@ -446,8 +465,13 @@ class DDPO(Strategy):
                 own = Transitions(torch.stack(traj.means), torch.stack(traj.stds)).log_prob(X)
                 ref = self._replay(ctx, ctx.reference, X, ctx.cond).log_prob(X)
             ret = ret - c.lam * (own - ref).sum(0)
-        adv = normalise_per_condition(ret, ctx.cond)
         B = ctx.x_T.shape[0]
+        if ctx.dist.world_size > 1:  # advantages over the combined batch, as one process would have them
+            key = None if ctx.cond is None else ctx.gather(_cond_key(ctx.cond, B))
+            adv = normalise_per_condition(ctx.gather(ret), key)
+            adv = adv[ctx.dist.rank * B:(ctx.dist.rank + 1) * B]
+        else:
+            adv = normalise_per_condition(ret, ctx.cond)
         chunks = torch.arange(B, device=ctx.x_T.device).chunk(self.minibatches)
         with torch.no_grad():
             old = [self._logps(ctx, X, idx) for idx in chunks]
