@@ -61,7 +61,8 @@ class GuideConfig:
     Pipeline: ``model`` (local diffusers folder; None = the digits pipeline), ``prompt`` (one),
     ``guidance_scale`` (CFG), ``steps`` of ``method`` ('ddpm' = ancestral, the paper's sampler) on the
     scheduler's grid, ``dtype`` of the frozen weights, ``device``, ``image_size`` (None = the UNet's).
-    Reward: ``reward`` (a name of ``imaging.rewards.make_reward``) with ``reward_kwargs``.
+    Reward: ``reward`` (a name of ``imaging.rewards.make_reward``, or 'digit-logprob': :class:`DigitLogProb`)
+    with ``reward_kwargs``.
     Algorithm: ``methods`` ('G', 'G_loss'), ``strengths`` (delta per round in units of the pre-trained
     reward's standard deviation), ``sigma_y`` (same units), ``rounds``, ``n`` chains per configuration,
     ``algorithm`` 1 or 2 (with ``ft_start``, ``ft_steps``, ``ft_lr``: Algorithm 2's score fine-tuning).
@@ -215,6 +216,49 @@ class Context:
     digit: Optional[int]  # the prompt's digit on the digits pipeline (for the judge), else None
 
 
+class DigitLogProb(nn.Module):
+    """A smooth classifier reward for the digits pipeline, docs/theory.md (8.6) with T = 1:
+    r(I) = log softmax(W phi(I) + b)[digit], phi(I) = the judge's features (grey levels averaged to 8x8,
+    times 16; ``imaging.digits_pipeline.judge_features``) as torch operations, so r is differentiable in
+    the image. W, b: scikit-learn's multinomial logistic regression fitted on the generator's TRAINING split
+    of the 8x8 digits (the judge is fitted on the held-out split, so reward and judge share no data), copied
+    into a torch Linear (the fit is scikit-learn's; only the forward pass is written here)."""
+
+    differentiable = True
+
+    def __init__(self, digit: int = 8, split_seed: int = 0):
+        super().__init__()
+        if not (isinstance(digit, int) and 0 <= digit <= 9):
+            raise ValueError(f"digit: the target digit of the digit-logprob reward, 0..9, got {digit!r}")
+        from sklearn.datasets import load_digits
+        from sklearn.linear_model import LogisticRegression
+
+        from .digits_pipeline import digits_split
+
+        d = load_digits()
+        train, _ = digits_split(split_seed)
+        lr = LogisticRegression(max_iter=5000).fit(d.data[train], d.target[train])
+        self.linear = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.as_tensor(lr.coef_, dtype=torch.float32))
+            self.linear.bias.copy_(torch.as_tensor(lr.intercept_, dtype=torch.float32))
+        self.requires_grad_(False)
+        self.digit = digit
+        self.__name__ = f"log p(digit {digit})"
+
+    def forward(self, img: torch.Tensor, cond=None) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(img.float().mean(1, keepdim=True), (8, 8)) * 16.0
+        return torch.log_softmax(self.linear(x.flatten(1)), -1)[:, self.digit].to(img.dtype)
+
+
+def _make_reward(pipe, cfg: GuideConfig):
+    from .rewards import LatentReward, make_reward
+
+    if cfg.reward == "digit-logprob":
+        return LatentReward(pipe, DigitLogProb(**cfg.reward_kwargs))
+    return make_reward(pipe, cfg.reward, **cfg.reward_kwargs)
+
+
 def build_context(cfg: GuideConfig, pipe=None) -> Context:
     """Load the pipeline (or take ``pipe``), freeze it, encode the prompt, wrap the UNet as a flat eps model,
     build the reward on latents."""
@@ -229,7 +273,6 @@ def build_context(cfg: GuideConfig, pipe=None) -> Context:
         schedule_of,
         scheduler_grid,
     )
-    from .rewards import make_reward
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -245,7 +288,7 @@ def build_context(cfg: GuideConfig, pipe=None) -> Context:
     sch = schedule_of(pipe)
     base = LatentEps(pipe.unet, sch, cond, unc, cfg.guidance_scale)
     shape = latent_shape(pipe, cfg.image_size, cfg.image_size)
-    reward = make_reward(pipe, cfg.reward, **cfg.reward_kwargs)
+    reward = _make_reward(pipe, cfg)
     if isinstance(getattr(reward, "f", None), nn.Module):  # a learnt image reward (aesthetic, CLIP) loads on the
         reward.f.to(device)  # host; it runs next to the decoder
     if not getattr(reward, "differentiable", True):
@@ -420,7 +463,9 @@ def _metrics_fn(ctx: Context, cfg: GuideConfig, ref: dict, judge):
         if judge is not None:
             from .digits_pipeline import judge_features
 
-            m["judge_p_digit"] = judge.predict_proba(judge_features(img))[:, ctx.digit].tolist()
+            p = judge.predict_proba(judge_features(img))
+            m["judge_p_digit"] = p[:, ctx.digit].tolist()
+            m["judge_max"] = p.max(1).tolist()
         return m
 
     return metrics
@@ -513,9 +558,12 @@ def run(cfg: GuideConfig, out=None, *, pipe=None, progress: bool = False) -> dic
     per_config, tensors = [], {}
     for (kind, s), res in zip(configs, results):
         rows = []
+        f0, off0 = res.values[0], np.asarray(res.metrics[0]["off_subspace"])
         for k, (f, met) in enumerate(zip(res.values, res.metrics)):
             row = {"round": k}
-            for name, vals in [("reward_std", f.tolist())] + list(met.items()):
+            # paired per chain against round 0 (same chains, same noise when noise is fixed)
+            paired = [("gain_std", (f - f0).tolist()), ("off_change", (np.asarray(met["off_subspace"]) - off0).tolist())]
+            for name, vals in [("reward_std", f.tolist())] + list(met.items()) + paired:
                 row[name], row[name + "_se"] = _mean_se(vals)
             rows.append(row)
         per_config.append({"method": kind, "strength": s, "rounds": rows,

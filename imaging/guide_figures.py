@@ -1,11 +1,14 @@
 """Figures of gradient guidance on the digits pipeline (``diffsteer figures``): the experiment is
-``imaging.guide.run`` with ``QUICK`` or ``FULL`` settings, on the differentiable JPEG compressibility reward.
+``imaging.guide.run`` with ``QUICK`` or ``FULL`` settings.
 
-- ``gg_image_alg1``: Algorithm 1 with G and G_loss at several strengths: the reward against rounds per strength,
+- ``gg_image_alg1``: Algorithm 1 with G and G_loss at several strengths toward log p(digit 8) of a classifier on
+  the decoded image (``imaging.guide.DigitLogProb``), from the prompt '3': the reward gain against rounds per strength,
   the share of each latent's energy outside the data subspace (top principal directions of the pipeline's own
   latents), the judge's probability of the prompt's digit, sample grids across rounds, and the runtime row
   (a round with G / G_loss against one unguided pass).
-- ``gg_image_alg2``: the same with Algorithm 2 (score fine-tuning of a copy of the UNet per configuration).
+- ``gg_image_jpeg``: the same toward the differentiable JPEG compressibility.
+- ``gg_image_alg2``: ``gg_image_alg1``'s reward with Algorithm 2 (fresh noise every round; score fine-tuning of a
+  copy of the UNet per configuration).
 
 Each figure's run is cached in ``<cache>/guide-digits-<config hash>/results.json`` and reused.
 """
@@ -18,17 +21,21 @@ import numpy as np
 
 from theory.registry import figure
 
-__all__ = ["QUICK", "FULL", "ALG2", "experiment", "draw"]
+__all__ = ["QUICK", "FULL", "DIGIT", "JPEG", "ALG2", "experiment", "draw"]
 
 #: quick settings (the registry's --quick): 3 strengths x 2 methods x 6 chains, 6 rounds, 15 steps.
 QUICK = dict(strengths=(0.25, 0.5, 1.0), rounds=6, n=6, steps=15, pca_n=384, grid_n=3)
 #: full settings.
 FULL = dict(strengths=(0.25, 0.5, 1.0, 2.0), rounds=15, n=16, steps=20, pca_n=1024, grid_n=4)
+#: the smooth reward of the main figures: log p(digit 8) of a classifier on the decoded image, prompt digit 3.
+DIGIT = dict(reward="digit-logprob", reward_kwargs={"digit": 8}, prompt="a handwritten digit 3")
+#: the differentiable JPEG compressibility (quality 10).
+JPEG = dict(reward="diff-compressibility")
 #: Algorithm 2 on top of either: fresh noise every round, fine-tuning from round 0, one Adam step per round.
 ALG2 = dict(algorithm=2, noise="fresh", ft_start=0, ft_steps=1, ft_lr=1e-5)
 
 
-def experiment(quick: bool, algorithm: int = 1) -> dict:
+def experiment(quick: bool, extra: dict) -> dict:
     """The digits run for these settings (cached in the cache folder by config hash): results without the
     sample tensors, plus grey uint8 grids (config, kept round) -> (grid_n, H, W) as lists."""
     from safetensors.torch import load_file
@@ -36,8 +43,7 @@ def experiment(quick: bool, algorithm: int = 1) -> dict:
     from .cache import cache_root
     from .guide import load_config, run
 
-    over = dict(QUICK if quick else FULL, **(ALG2 if algorithm == 2 else {}))
-    cfg = load_config(None, **over)
+    cfg = load_config(None, **dict(QUICK if quick else FULL, **extra))
     key = hashlib.sha256(json.dumps(cfg.to_json(), sort_keys=True).encode()).hexdigest()[:12]
     out = cache_root() / f"guide-digits-{key}"
     res_path = out / "results.json"
@@ -68,7 +74,8 @@ def _curves(ax, d, key, ylabel, title):
             continue
         k = [r["round"] for r in rows]
         m = np.asarray([r[key] for r in rows], dtype=float)
-        se = np.asarray([r[key + "_se"] if not isinstance(r[key + "_se"], str) else np.nan for r in rows], dtype=float)
+        sek = "off_change_se" if key == "off_subspace" else key + "_se"  # paired se: same chains every round
+        se = np.asarray([r[sek] if not isinstance(r[sek], str) else np.nan for r in rows], dtype=float)
         ls, mk = ("-", "o") if c["method"] == "G_loss" else ("--", "s")
         ax.plot(k, m, ls=ls, marker=mk, ms=3, color=col, label=f"{c['method']}, strength {c['strength']:g}")
         ax.fill_between(k, m - se, m + se, color=col, alpha=0.12, lw=0)
@@ -113,17 +120,20 @@ def draw(d: dict):
     fig = plt.figure(figsize=(16, 8.5))
     gs = fig.add_gridspec(2, 3 if has_judge else 2, height_ratios=[1, 1.15])
     ax = fig.add_subplot(gs[0, 0])
-    _curves(ax, d, "reward_raw", f"{cfg['reward']} (raw)", "reward vs rounds (solid G_loss, dashed G; band: +-1 se)")
+    _curves(ax, d, "gain_std", f"reward gain over round 0 (pre-trained sds of {ref['reward_sd']:.3g})",
+            f"{cfg['reward']} {cfg.get('reward_kwargs') or ''}\nsolid G_loss, dashed G; band +-1 paired se")
+    ax.axhline(0, color="0.5", lw=0.8)
     ax.legend(fontsize=6, ncol=2)
     ax = fig.add_subplot(gs[0, 1])
     _curves(ax, d, "off_subspace", "energy share outside the data subspace",
-            f"how far latents leave the data: top-{ref['pca_k']} PCA of {ref['n']} pre-trained latents "
-            f"({ref['explained_at_k']:.1%} var.)")
-    ax.axhline(ref["in_sample_off_subspace"], color="0.5", lw=0.8, ls=":", label="PCA set itself")
+            f"how far latents leave the data:\ntop-{ref['pca_k']} of {ref['D']} PCA directions of {ref['n']} pre-trained "
+            f"latents ({ref['explained_at_k']:.1%} var.)")
+    ax.axhline(ref["in_sample_off_subspace"], color="0.5", lw=0.8, ls=":", label="the PCA set itself")
     ax.legend(fontsize=6)
     if has_judge:
         ax = fig.add_subplot(gs[0, 2])
-        _curves(ax, d, "judge_p_digit", f"judge p(digit {d['judge_digit']})", "realism: the judge's probability of the prompt's digit")
+        _curves(ax, d, "judge_max", "judge: max class probability",
+                f"realism: the judge's confidence in some digit\n(prompt digit {d['judge_digit']})")
         ax.set_ylim(0, 1.02)
     ax = fig.add_subplot(gs[1, :])
     _grid(ax, d)
@@ -134,7 +144,7 @@ def draw(d: dict):
     alg = "Algorithm 1" if cfg["algorithm"] == 1 else f"Algorithm 2 (Adam lr {cfg['ft_lr']:g} from round {cfg['ft_start']})"
     alg += ", each chain's noise fixed across rounds" if cfg.get("noise") == "fixed" else ", fresh noise every round"
     fig.suptitle(f"Gradient guidance on the digits pipeline, {alg}: '{cfg['prompt']}', CFG {cfg['guidance_scale']:g}, "
-                 f"{cfg['steps']} {cfg['method']} steps, {cfg['n']} chains per config; strength = delta per round in "
+                 f"{cfg['steps']} {cfg['method']} steps, {cfg['n']} chains per config;\nstrength = delta per round in "
                  f"pre-trained reward sds ({ref['reward_sd']:.3g}), sigma_y {cfg['sigma_y']:g} sd{rt}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -144,14 +154,20 @@ def _strip(res: dict) -> dict:
     return {k: v for k, v in res.items() if k not in ("samples", "run_dir")}
 
 
-@figure("gg_image_alg1", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward JPEG "
-                         "compressibility: reward and off-subspace share per round and strength, samples, runtime row",
-        draw=draw)
+@figure("gg_image_alg1", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward log p(digit 8) "
+                         "from prompt '3': reward gain and off-subspace share per round and strength, realism, samples, "
+                         "runtime row", draw=draw)
 def fig_gg_image_alg1(quick: bool) -> dict:
-    return _strip(experiment(quick, 1))
+    return _strip(experiment(quick, DIGIT))
 
 
-@figure("gg_image_alg2", "Gradient guidance with score fine-tuning (Algorithm 2, G vs G_loss) on the digits "
-                         "pipeline toward JPEG compressibility", draw=draw)
+@figure("gg_image_jpeg", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward the differentiable "
+                         "JPEG compressibility", draw=draw)
+def fig_gg_image_jpeg(quick: bool) -> dict:
+    return _strip(experiment(quick, JPEG))
+
+
+@figure("gg_image_alg2", "Gradient guidance with score fine-tuning (Algorithm 2, fresh noise, G vs G_loss) on the digits "
+                         "pipeline toward log p(digit 8) from prompt '3'", draw=draw)
 def fig_gg_image_alg2(quick: bool) -> dict:
-    return _strip(experiment(quick, 2))
+    return _strip(experiment(quick, dict(DIGIT, **ALG2)))

@@ -197,3 +197,26 @@ def test_figure_draws_from_its_json(alg1):
     d["grids"] = {k: v.float().mean(1).round().to(torch.uint8).tolist() for k, v in res["samples"].items()}
     fig = guide_figures.draw(d)
     assert len(fig.axes) >= 3
+
+
+def test_digit_logprob_is_the_fitted_logistic_regression_on_the_judge_features():
+    """r(I) = log p(digit | I) equals scikit-learn's predict_log_proba of a model fitted on the same split, on
+    the judge's features of the same images (float32 round-off), and autograd reaches the pixels."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from imaging.digits_pipeline import digits_images, digits_split, judge_features
+    from imaging.guide import DigitLogProb
+
+    r = DigitLogProb(digit=8)
+    train, held = digits_split(0)
+    d = load_digits()
+    ref = LogisticRegression(max_iter=5000).fit(d.data[train], d.target[train])
+    img, _ = digits_images(held[:16])
+    expected = ref.predict_log_proba(judge_features(img))[:, 8]
+    assert torch.allclose(r(img).double(), torch.as_tensor(expected), rtol=1e-4, atol=1e-4)
+    x = img.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(r(x).sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+    with pytest.raises(ValueError, match="digit"):
+        DigitLogProb(digit=10)
