@@ -65,7 +65,8 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(strategy, tmp_path)
     batch, gathered exactly through the mean all-reduce): the LoRA parameters and the history's
     reward / KL / loss agree (the only difference is the order of float sums: the mean of two per-rank
     means vs one mean of six; round-off ~1e-16 per operation, grown over 3 AdamW steps: 1e-12 relative
-    on the parameters; the history records the batch means in float32, so 1e-6 there), and only rank 0
+    on the parameters; the history gathers the combined batch's rewards and KLs exactly, but the samples
+    differ at round-off and the history rounds the means to float32, so 1e-6 there), and only rank 0
     wrote the checkpoint."""
     single = _model()
     h1 = _run(single, 6, 3, strategy)
@@ -89,7 +90,7 @@ def test_two_ranks_equal_one_process_with_the_combined_batch(strategy, tmp_path)
         for n, p in m.named_parameters():
             if p.requires_grad:
                 assert torch.allclose(p, want[n], rtol=1e-12, atol=1e-14), n
-    for key in ("reward_mean", "kl", "loss"):
+    for key in ("reward_mean", "reward_std", "kl", "loss"):
         a = torch.tensor([r[key] for r in h1], dtype=torch.float64)
         for h in hist:
             assert torch.allclose(torch.tensor([r[key] for r in h], dtype=torch.float64), a, rtol=1e-6), key

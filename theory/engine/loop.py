@@ -255,14 +255,14 @@ def finetune(model: nn.Module, schedule: NoiseSchedule, reward: Callable, strate
         scheduler.step()
         q = strategy.queries(b) * K
         total_q += q
-        stats = torch.tensor([float(out.rewards.float().mean()),
-                              float(out.kl.float().mean()) if out.kl is not None else float("nan"), out.loss],
-                             dtype=torch.float64)
+        # the history describes the combined batch: every rank's rewards and KLs gathered, the loss averaged
+        r, kl = ctx.gather(out.rewards), (ctx.gather(out.kl) if out.kl is not None else None)
+        loss = torch.tensor([out.loss], dtype=torch.float64)
         if K > 1:
-            dist.all_reduce_mean_([stats])
-        row = {"step": step, "reward_mean": float(stats[0]),
-               "reward_std": float(out.rewards.float().std()) if out.rewards.numel() > 1 else 0.0,
-               "kl": float(stats[1]), "loss": float(stats[2]),
+            dist.all_reduce_mean_([loss])
+        row = {"step": step, "reward_mean": float(r.float().mean()),
+               "reward_std": float(r.float().std()) if r.numel() > 1 else 0.0,
+               "kl": float(kl.float().mean()) if kl is not None else float("nan"), "loss": float(loss[0]),
                "grad_norm": float(out.grad_norm), "wall_time": wall0 + time.perf_counter() - t_start,
                "reward_queries": int(q), "reward_queries_total": total_q, **out.extras}
         history.append(row)
