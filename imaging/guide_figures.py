@@ -150,8 +150,44 @@ def draw(d: dict):
     return fig
 
 
+def summary(res: dict) -> tuple[dict, dict]:
+    """Scalars per configuration (final reward gain in pre-trained sds and raw units, gain per round over the
+    first third of the rounds, off-subspace share at round 0 and at the end, judge confidence at the end) and
+    the verdicts: does G_loss stay closer to the data than G (last round, per strength, the difference of the
+    off-subspace means with the se of the difference), and the runtime ratios."""
+    out, verdicts = {}, {}
+    K = res["config"]["rounds"]
+    k1 = max(1, K // 3)
+    by = {}
+    for c in res["configs"]:
+        r = c["rounds"]
+        name = f"{c['method']} s={c['strength']:g}"
+        by[(c["method"], c["strength"])] = r[-1]
+        out[name] = {"gain_sd": r[-1]["gain_std"], "gain_sd_se": r[-1]["gain_std_se"], "gain_raw": c["gain_raw"],
+                     "gain_per_round_early": r[k1]["gain_std"] / k1, "off_subspace_0": r[0]["off_subspace"],
+                     "off_subspace_end": r[-1]["off_subspace"], "off_change_end": r[-1]["off_change"],
+                     "off_change_end_se": r[-1]["off_change_se"]}
+        if "judge_max" in r[-1]:
+            out[name]["judge_max_end"] = r[-1]["judge_max"]
+    for s in res["config"]["strengths"]:
+        if ("G", s) in by and ("G_loss", s) in by:
+            a, b = by[("G_loss", s)], by[("G", s)]
+            diff = a["off_subspace"] - b["off_subspace"]
+            se = (a["off_change_se"] ** 2 + b["off_change_se"] ** 2) ** 0.5
+            v = "G_loss closer" if diff < -2 * se else ("G closer" if diff > 2 * se else "no difference beyond 2 se")
+            verdicts[f"off-subspace share, G_loss - G, last round, strength {s:g}"] = {
+                "verdict": v, "difference": diff, "se": se, "G_loss": a["off_subspace"], "G": b["off_subspace"]}
+    t = res.get("timing")
+    if t:
+        verdicts["runtime: a round / one unguided pass"] = {
+            "verdict": ", ".join(f"{m} {t[f'ratio_{m}']:.2f}x" for m in res["config"]["methods"]),
+            "unguided_pass_s": t["unguided_pass_s"], "chains": t["n_chains"], "steps": t["steps"]}
+    return out, verdicts
+
+
 def _strip(res: dict) -> dict:
-    return {k: v for k, v in res.items() if k not in ("samples", "run_dir")}
+    summ, verdicts = summary(res)
+    return {"summary": summ, "verdicts": verdicts, **{k: v for k, v in res.items() if k not in ("samples", "run_dir")}}
 
 
 @figure("gg_image_alg1", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward log p(digit 8) "

@@ -197,6 +197,11 @@ def test_figure_draws_from_its_json(alg1):
     d["grids"] = {k: v.float().mean(1).round().to(torch.uint8).tolist() for k, v in res["samples"].items()}
     fig = guide_figures.draw(d)
     assert len(fig.axes) >= 3
+    summ, verdicts = guide_figures.summary(d)
+    assert set(summ) == {f"{m} s={v:g}" for m in ("G", "G_loss") for v in (0.5, 1.0)}
+    c = d["configs"][2]
+    assert summ["G_loss s=0.5"]["gain_sd"] == pytest.approx(c["rounds"][-1]["reward_std"] - c["rounds"][0]["reward_std"], abs=1e-9)
+    assert {"off-subspace share, G_loss - G, last round, strength 0.5", "runtime: a round / one unguided pass"} <= set(verdicts)
 
 
 def test_digit_logprob_is_the_fitted_logistic_regression_on_the_judge_features():
