@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "repeat to sum several adapters")
     p.add_argument("--guide", default=None, metavar="REWARD",
                    help="guide sampling toward an image reward (colourfulness, brightness) with the look-ahead "
-                        "gradient at Tweedie's x0_hat (G_loss / DPS form; THEORY.md 6-7)")
+                        "gradient at Tweedie's x0_hat (G_loss / DPS form; docs/theory.md §6-7)")
     p.add_argument("--guide-scale", type=float, default=1.0, help="strength of --guide")
     p.add_argument("--out", default="runs/sd-sample", help="output folder (must not be a file)")
     p.set_defaults(func=run_sample)

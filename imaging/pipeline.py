@@ -4,7 +4,7 @@ The UNet enters the package the way k-diffusion's wrappers bring in external mod
 ``LatentEps``, turns (UNet, prompt embeddings, classifier-free guidance weight) into an eps model
 ``eps(x, t, cond)`` over latents with *continuous* time t, and the scheduler's ``alphas_cumprod``
 becomes a :class:`theory.schedules.DiscreteVP`. From there every sampler, guidance field and the
-fine-tuning engine of ``theory`` applies unchanged (THEORY.md section 1, last schedule).
+fine-tuning engine of ``theory`` applies unchanged (docs/theory.md §1, the discrete VP schedule; §8).
 
 Weights are never downloaded: ``load_pipeline`` takes a local folder (the user's copy of SD v1.5 or
 any pipeline saved with ``save_pretrained``).
@@ -140,7 +140,7 @@ def encode_prompts(pipe, prompts: Sequence[str], device=None) -> tuple[torch.Ten
 
 
 class LatentEps(nn.Module):
-    """eps(x, t, cond) of an SD UNet over latents, with classifier-free guidance (THEORY.md 6):
+    """eps(x, t, cond) of an SD UNet over latents, with classifier-free guidance (docs/theory.md §6):
 
         eps = eps_u(x, t) + w (eps_c(x, t, y) - eps_u(x, t))
 
