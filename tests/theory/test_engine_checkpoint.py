@@ -87,7 +87,7 @@ def test_nonfinite_reward_claims_a_checkpoint_only_when_one_exists():
         finetune(_model(), SCH, nan_reward, DRaFTK(1), _cfg(), x_T_sampler=_sampler)
 
 
-def test_a_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path):
+def test_crafted_pickle_in_a_checkpoint_is_refused_without_running_it(tmp_path):
     """A crafted state.pt whose unpickling would create a file, beside valid-looking files: refused by
     name, and the file is never created."""
     ck = tmp_path / "checkpoint"

@@ -1,4 +1,4 @@
-"""Issue 3 (c): CTRL's Theorem 1 checked by training (THEORY.md 4-5; CTRL sec. 4, Thm. 1).
+"""CTRL's Theorem 1 checked by training (docs/theory.md §4-5, §6.5; CTRL sec. 4, Thm. 1).
 
 Pre-trained model: the exact eps of a 2-D Gaussian data law N(mu, S) under LinearVP. Trainable
 correction: eps_theta(x, t_i) = eps_0(x, t_i) + A_i x + c_i, one (A_i, c_i) per grid time (zero at
@@ -56,7 +56,7 @@ T_MIN = 0.01
 
 
 class GaussEps(nn.Module):
-    """Exact eps of N(MU, S): eps = sigma_t (a_t^2 S + sigma_t^2 I)^-1 (x - a_t MU) (THEORY.md 2); equal to
+    """Exact eps of N(MU, S): eps = sigma_t (a_t^2 S + sigma_t^2 I)^-1 (x - a_t MU) (docs/theory.md §2); equal to
     theory.exact.gaussian's (checked below), written in closed form for speed."""
 
     def forward(self, x, t, cond=None):
@@ -259,7 +259,7 @@ def _tilted_marginal_T(rw, lam, ts):
 
 
 def _continuous_shift(rw, lam, t):
-    """The continuous h-transform's eps correction -sigma_t grad log h_t(x) (THEORY.md 4), affine in x:
+    """The continuous h-transform's eps correction -sigma_t grad log h_t(x) (docs/theory.md §4), affine in x:
     h_t(x) = E[exp(r(Y)/lam) | X_t = x], Y | X_t = x Gaussian (joint Gaussian of the VP process)."""
     mu_m, C_m = _y_law()
     tm = torch.tensor(T_MIN, dtype=DT)
@@ -280,7 +280,7 @@ def _continuous_shift(rw, lam, t):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["linear", "quadratic"])
 def test_theorem1_continuous_limit(kind):
-    """Against the CONTINUOUS optimum (the h-transform, THEORY.md 4): the discrete optimum's (Riccati)
+    """Against the CONTINUOUS optimum (the h-transform, docs/theory.md §4): the discrete optimum's (Riccati)
     eps correction approaches -sigma_t grad log h_t on refining grids, and training reaches it. Relative
     drift error (under the continuous optimum's state laws) for n = 10, 20, 40: must decrease, halving at
     least once per doubling beyond n = 20 within a factor 1.5 (first order in the step), and the trained
