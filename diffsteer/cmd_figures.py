@@ -10,7 +10,7 @@ from typing import Optional
 from .runtime import add_threads_option
 
 #: figure modules of ``imaging`` (those of ``sims`` are listed in ``sims.registry.FIGURE_MODULES``).
-IMAGING_FIGURE_MODULES = ["imaging.digits", "imaging.ctrl_figures", "imaging.guide_figures"]
+IMAGING_FIGURE_MODULES = ["imaging.digits", "imaging.ctrl_figures", "imaging.guide_figures", "imaging.draft_figures"]
 
 _DESCRIPTION = """\
 Compute the paper figures into OUT: each figure is a PNG plus a JSON of the numbers drawn, its settings,

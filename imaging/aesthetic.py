@@ -116,7 +116,11 @@ class AestheticReward(nn.Module):
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Unit-norm CLIP image embeddings (B, D)."""
         p = next(self.vision.parameters())
-        e = self.vision(pixel_values=self.preprocess(img.to(p.device)).to(p.dtype)).image_embeds
+        x = img.to(p.device)
+        # half-precision images (a bf16 / fp16 pipeline's) are preprocessed in float32: torch's bicubic
+        # antialias resize has no bfloat16 kernel on the CPU
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        e = self.vision(pixel_values=self.preprocess(x).to(p.dtype)).image_embeds
         return F.normalize(e, dim=-1)
 
     def forward(self, img: torch.Tensor, cond=None) -> torch.Tensor:

@@ -1,0 +1,219 @@
+"""DRaFT at image scale (imaging.draft, imaging.draft_figures, imaging/configs/draft_sd15.json) on the tiny
+pipeline: the SD config runs through sd-finetune, every experiment runs at a tiny setting and its JSON
+draws, and the equal reward-query budget comes from the strategies' own declared costs."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("diffusers")
+
+from imaging import draft  # noqa: E402
+from imaging.draft import METHOD_LABELS, DraftImageConfig, budget_steps, strategy_for  # noqa: E402
+
+CONFIG = Path(draft.__file__).with_name("configs") / "draft_sd15.json"
+
+
+def _tiny_cfg(**kw):
+    base = dict(prompts=("a photo of a cat",), guidance_scale=2.0, sample_steps=3, batch_size=2, budget=4, k=2,
+                refl_steps=(1, 2), lr=1e-2, seeds=(0,), n_eval=2, eval_every=2, n_show=1,
+                lora_targets=("to_q", "to_k", "to_v", "to_out.0"), lora_scales=(0.0, 1.0), mix_weights=(0.0, 1.0),
+                n_lora=2, div_budget=2, div_method="DRaFT-K", div_lams=(0.0, 1e-3), div_eps=(1e-3,), div_prompts=1, div_per_prompt=2)
+    base.update(kw)
+    return DraftImageConfig(**base)
+
+
+# ----------------------------------------------------------------------------- equal budget in reward queries
+
+
+def test_budget_uses_the_strategies_declared_costs():
+    """Steps x the strategy's own queries(batch) equal the budget for every method; DRaFT-LV (n queries per
+    sample) gets 1/n of the steps of the one-query methods."""
+    cfg = DraftImageConfig(budget=96, batch_size=4, lv_n=2)
+    for label in METHOD_LABELS:
+        steps, qps = budget_steps(label, cfg)
+        assert qps == strategy_for(label, cfg)[0].queries(cfg.batch_size)
+        assert steps * qps == 96, label
+    assert budget_steps("DRaFT-LV", cfg)[0] * 2 == budget_steps("DRaFT-1", cfg)[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(budget=st.integers(1, 2000), batch=st.integers(1, 16), n=st.integers(1, 6),
+       label=st.sampled_from(METHOD_LABELS))
+def test_budget_never_exceeds_and_wastes_less_than_one_step(budget, batch, n, label):
+    """For any budget >= one step's cost: steps * q <= budget < (steps + 1) * q, q the declared cost."""
+    cfg = DraftImageConfig(budget=budget, batch_size=batch, lv_n=n)
+    steps, q = budget_steps(label, cfg)
+    if budget >= q:
+        assert steps * q <= budget < (steps + 1) * q
+    else:
+        assert steps == 1  # a budget below one step still makes one step
+
+
+def test_config_errors_name_the_setting():
+    with pytest.raises(ValueError, match="methods"):
+        DraftImageConfig(methods=("DRaFT", "nope")).validate()
+    with pytest.raises(ValueError, match="eta"):
+        DraftImageConfig(eta=0.0).validate()  # DDPO needs the stochastic sampler
+    with pytest.raises(ValueError, match="unknown key"):
+        draft.load_config(None, budget_queries=3)
+
+
+def test_pairwise_diversity_closed_form():
+    """Two groups: {0, 3} (distance 3) and {(0,0), (3,4), (0,4)} (distances 5, 3, 4 -> mean 4): mean 3.5;
+    identical samples give 0."""
+    f = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [3.0, 4.0], [0.0, 4.0]]).numpy()
+    g = torch.tensor([0, 0, 1, 1, 1]).numpy()
+    assert draft.pairwise_diversity(f, g) == pytest.approx(3.5)
+    assert draft.pairwise_diversity(f[[0, 0, 0]], g[:3] * 0) == 0.0
+
+
+# ----------------------------------------------------------------------------- the experiments on the tiny pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx():
+    from imaging.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(seed=0)
+    return pipe, draft.build_context(_tiny_cfg(), pipe=copy.deepcopy(pipe))
+
+
+def _roundtrip(d):
+    from theory.registry import to_jsonable
+
+    return json.loads(json.dumps(to_jsonable(d)))
+
+
+def test_experiments_run_tiny_and_their_json_draws(tiny_ctx, tmp_path):
+    """compare -> lora -> diversity at a tiny setting through the engine; every run spends exactly the
+    budget; the figures draw from the JSON; the diffusers adapter at scale 0 is the pre-trained model and
+    at scale 1 the fine-tuned one (same noise)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from imaging import draft_figures as df
+
+    pipe, ctx = tiny_ctx
+    cfg = _tiny_cfg()
+    cmp = draft.compare(cfg, ctx, adapter_dir=tmp_path / "ad")
+    for r in cfg.rewards:
+        for m in cfg.methods:
+            run = cmp["runs"][r][m][0]
+            steps, q = budget_steps(m, cfg)
+            assert run["curve"][-1]["queries"] == steps * q == run["history"][-1]["reward_queries_total"]
+            assert run["curve"][0]["compress"] == pytest.approx(cmp["pretrained"]["compress"], rel=1e-9)
+    assert set(cmp["adapters"]) == set(cfg.lora_rewards)
+    assert "lv_vs_refl" in cmp["claims"]["compress"] and "gradient_vs_ddpo" in cmp["claims"]["compress"]
+    df.draw_compare(_roundtrip(df._strip_compare(cmp)))
+
+    lo = draft.lora(cfg, cmp["adapters"], ctx=ctx, pipe=copy.deepcopy(pipe))
+    s0 = next(s for s in lo["scales"] if s["scale"] == 0.0)
+    pre = draft.evaluate(ctx, cfg, ctx.base, cfg.n_lora)
+    assert s0["compress"] == pytest.approx(pre["compress"], rel=1e-6)
+    df.draw_lora(_roundtrip(lo))
+
+    dv = draft.diversity(cfg, ctx)
+    assert len(dv["runs"]) == len(cfg.div_lams) + len(cfg.div_eps)
+    assert all(r["kl_last"] is not None for r in dv["runs"])
+    df.draw_diversity(_roundtrip(dv))
+
+
+def test_lora_scale_one_is_the_fine_tuned_model(tiny_ctx, tmp_path):
+    """The exported adapter loaded by stock diffusers at scale 1 reproduces the fine-tuned steered model's
+    evaluation on the same noise (float32 round-off only)."""
+    from imaging.lora_io import save_diffusers_lora
+
+    pipe, ctx = tiny_ctx
+    cfg = _tiny_cfg(budget=2)
+    model, _ = draft.train_run(ctx, cfg, "DRaFT-1", "compress", 0)
+    save_diffusers_lora(model, tmp_path / "a")
+    ev = draft.evaluate(ctx, cfg, model, cfg.n_lora)
+    lo = draft.lora(replace_scales(cfg), {"compress": tmp_path / "a", "incompress": tmp_path / "a"}, ctx=ctx,
+                    pipe=copy.deepcopy(pipe))
+    s1 = next(s for s in lo["scales"] if s["scale"] == 1.0)
+    assert s1["compress"] == pytest.approx(ev["compress"], rel=1e-4)
+
+
+def replace_scales(cfg):
+    from dataclasses import replace
+
+    return replace(cfg, lora_scales=(1.0,), mix_weights=(0.0,))
+
+
+# ----------------------------------------------------------------------------- the SD config through sd-finetune
+
+
+@pytest.fixture(scope="module")
+def tiny_aesthetic(tmp_path_factory):
+    """A tiny CLIP vision tower (save_pretrained) and an aesthetic head file of matching width."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from imaging.aesthetic import AestheticMLP
+
+    folder = tmp_path_factory.mktemp("tiny-clip-vision")
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                                   projection_dim=8)).save_pretrained(folder)
+    head = folder / "head.safetensors"
+    save_file(AestheticMLP(8).state_dict(), str(head))
+    return folder, head
+
+
+def test_sd_config_is_the_papers_setting():
+    cfg = json.loads(CONFIG.read_text())
+    assert (cfg["reward"], cfg["method"], cfg["lv_n"], cfg["lora_rank"], cfg["lora_targets"]) == \
+        ("aesthetic", "draftlv", 2, 8, "attn+ff")
+    assert (cfg["lr"], cfg["batch_size"], cfg["steps"], cfg["sample_steps"], cfg["guidance_scale"], cfg["dtype"],
+            cfg["weight_decay"], cfg["eta"]) == (4e-4, 4, 2000, 50, 7.5, "bfloat16", 0.1, 0.0)
+    assert len(cfg["prompts"]) == 45
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
+def test_sd_config_runs_two_steps_on_the_tiny_pipeline(tiny_aesthetic, tmp_path, capsys, dtype):
+    """`sd-finetune --config draft_sd15.json --tiny --steps 2 --sample-steps 4 --prompt cat`: the file's settings
+    (the reward paths pointed at tiny local files) reach the run, the command line overrides the file, and
+    the rank-8 attention + feed-forward adapter leaves in the diffusers format. The file's bfloat16 base is
+    slow on a CPU (slow mark); the default suite runs the same file with dtype float32."""
+    from safetensors import safe_open
+
+    from diffsteer.cli import main
+
+    folder, head = tiny_aesthetic
+    cfg = json.loads(CONFIG.read_text())
+    cfg["reward_options"] = {"clip_path": str(folder), "head_path": str(head)}
+    cfg["dtype"] = dtype
+    path = tmp_path / "sd.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    rc = main(["sd-finetune", "--config", str(path), "--tiny", "--steps", "2", "--sample-steps", "4", "--prompt", "cat",
+               "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    c = s["config"]
+    assert s["steps"] == 2 and c["steps"] == 2 and c["sample_steps"] == 4 and c["prompts"] == ["cat"]  # CLI wins
+    assert c["dtype"] == dtype
+    for k in ("reward", "method", "lv_n", "lr", "batch_size", "guidance_scale", "lora_rank",
+              "lora_targets", "weight_decay"):
+        assert c[k] == cfg[k], k
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        ff = [k for k in keys if ".ff.net." in k and ("lora.down" in k or "lora_A" in k)]
+        assert ff and all(f.get_tensor(k).shape[0] == 8 for k in ff)
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    from diffsteer.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"lr": 1e-3, "learning_rate": 2}))
+    assert main(["sd-finetune", "--config", str(bad), "--tiny", "--out", str(tmp_path / "o")]) == 2
+    assert "--config: unknown key(s) ['learning_rate']" in capsys.readouterr().err
+    assert main(["sd-finetune", "--config", str(tmp_path / "missing.json"), "--tiny"]) == 2
+    assert "--config: no file" in capsys.readouterr().err
