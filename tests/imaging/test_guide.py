@@ -225,3 +225,12 @@ def test_digit_logprob_is_the_fitted_logistic_regression_on_the_judge_features()
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     with pytest.raises(ValueError, match="digit"):
         DigitLogProb(digit=10)
+
+
+def test_retime_measures_the_runtime_row_again_from_the_recorded_config(alg1, pipe):
+    from imaging.guide import retime
+
+    res, out = alg1
+    t = retime(json.loads((out / "results.json").read_text()), pipe=pipe)
+    assert t["repeats"] == 3 and t["n_chains"] == 2 and t["n_configs"] == 4
+    assert all(t[k] > 0 for k in ("unguided_pass_s", "round_G_s", "round_G_loss_s", "ratio_G", "ratio_G_loss"))
