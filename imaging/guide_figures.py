@@ -88,6 +88,10 @@ def _curves(ax, d, key, ylabel, title):
     ax.set_title(title, fontsize=9)
 
 
+def _fixed(d) -> bool:
+    return d["config"].get("noise", "fixed") == "fixed"
+
+
 def _grid(ax, d):
     cfgs = d["configs"]
     rounds = d["kept_rounds"]
@@ -114,7 +118,8 @@ def _grid(ax, d):
     ax.set_yticks([(i + 0.5) * (H + 2) for i in range(len(blocks))], labels, fontsize=7)
     width = blocks[0].shape[1] / len(rounds)
     ax.set_xticks([(j + 0.5) * width for j in range(len(rounds))], [f"round {k}" for k in rounds], fontsize=7)
-    ax.set_title("samples across rounds (same noise in every row)", fontsize=9)
+    ax.set_title("samples across rounds (" + ("each chain's noise fixed across rounds; same noise in every row)" if _fixed(d)
+                 else "fresh noise every round; same noise in every row of a column)"), fontsize=9)
 
 
 def draw(d: dict):
@@ -126,7 +131,8 @@ def draw(d: dict):
     gs = fig.add_gridspec(2, 3 if has_judge else 2, height_ratios=[1, 1.15])
     ax = fig.add_subplot(gs[0, 0])
     _curves(ax, d, "gain_std", f"reward gain over round 0 (pre-trained sds of {ref['reward_sd']:.3g})",
-            f"{cfg['reward']} {cfg.get('reward_kwargs') or ''}\nsolid G_loss, dashed G; band +-1 paired se")
+            f"{cfg['reward']} {cfg.get('reward_kwargs') or ''}\nsolid G_loss, dashed G; band +-1 se of the change"
+            + (" (paired)" if _fixed(d) else ""))
     ax.axhline(0, color="0.5", lw=0.8)
     ax.legend(fontsize=6, ncol=2)
     ax = fig.add_subplot(gs[0, 1])
