@@ -51,8 +51,10 @@ class DraftImageConfig:
     """Settings of the three experiments (defaults: the committed digits-pipeline run).
 
     Pipeline: ``model`` (local diffusers folder; None = the digits pipeline), ``prompts`` (None = the ten
-    digit prompts), CFG weight ``guidance_scale``, ``sample_steps`` DDIM steps with ``eta`` (1: stochastic,
-    as DDPO and the path KL need; the same sampler for every method and for evaluation).
+    digit prompts), CFG weight ``guidance_scale``, ``sample_steps`` DDIM steps with ``eta`` (0: DRaFT's
+    sampler) for the gradient methods and for every evaluation, ``ddpo_eta`` for DDPO's training chains (its
+    policy needs random transitions), ``div_eta`` for the diversity runs (the path KL needs them too). At
+    eta = 1 the gradient methods' estimates are noisier and at this budget they did not improve the reward.
     Training: LoRA ``lora_rank`` on ``lora_targets`` (default: attention, feed-forward and the ResNet
     convolutions - the digits UNet has attention only in its mid block, where an attention-only LoRA of
     4k parameters barely moves the samples in this budget), AdamW ``lr`` / ``weight_decay`` / ``grad_clip``,
@@ -76,7 +78,9 @@ class DraftImageConfig:
     prompts: Optional[tuple] = None
     guidance_scale: float = 3.0
     sample_steps: int = 10
-    eta: float = 1.0
+    eta: float = 0.0
+    ddpo_eta: float = 1.0
+    div_eta: float = 1.0
     dtype: str = "float32"
     lora_rank: int = 4
     lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
@@ -95,7 +99,7 @@ class DraftImageConfig:
     codec_quality: float = 10.0
     jpeg_quality: int = 95
     measure_upscale: int = 4
-    seeds: tuple = (0, 1)
+    seeds: tuple = (0,)
     n_eval: int = 16
     eval_every: int = 32
     n_show: int = 4
@@ -134,10 +138,10 @@ class DraftImageConfig:
             raise ValueError(f"lora_method: {self.lora_method!r} must be one of the compared methods {list(self.methods)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        if "DDPO" in self.methods and not self.eta > 0:
-            raise ValueError("eta: DDPO needs the stochastic sampler; set eta > 0 (e.g. 1)")
-        if (any(v > 0 for v in self.div_lams)) and not self.eta > 0:
-            raise ValueError("eta: the path KL needs the stochastic sampler; set eta > 0 (e.g. 1)")
+        if "DDPO" in self.methods and not self.ddpo_eta > 0:
+            raise ValueError("ddpo_eta: DDPO needs the stochastic sampler; set ddpo_eta > 0 (e.g. 1)")
+        if (any(v > 0 for v in self.div_lams)) and not self.div_eta > 0:
+            raise ValueError("div_eta: the path KL needs the stochastic sampler; set div_eta > 0 (e.g. 1)")
         if self.k > self.sample_steps or self.refl_steps[1] > self.sample_steps:
             raise ValueError(f"k, refl_steps: must not exceed sample_steps={self.sample_steps}")
         if any(v < 0 for v in (*self.div_lams, *self.div_eps)) or not self.lr > 0:
@@ -285,12 +289,14 @@ def _grey_u8(images: torch.Tensor) -> list:
     return (images.mean(1).clamp(0, 1) * 255).round().to(torch.uint8).tolist()
 
 
-def evaluate(ctx: Context, cfg: DraftImageConfig, model, n: int, seed: int = 4242, keep: int = 0) -> dict:
+def evaluate(ctx: Context, cfg: DraftImageConfig, model, n: int, seed: int = 4242, keep: int = 0,
+             eta: Optional[float] = None) -> dict:
     """Mean differentiable compressibility (8.3) and mean true JPEG size in kB (8.2) of n samples on fixed
-    noise (the same noise for every model), with their standard errors; ``keep`` images as grey uint8."""
+    noise (the same noise for every model), DDIM(eta, default ``cfg.eta``), with their standard errors;
+    ``keep`` images as grey uint8."""
     from .rewards import JpegRoundTrip, jpeg_size_kb
 
-    imgs = draw(ctx, model, n, seed, cfg.eta)
+    imgs = draw(ctx, model, n, seed, cfg.eta if eta is None else eta)
     comp = JpegRoundTrip(cfg.codec_quality)(imgs.double()).numpy()
     kb = jpeg_size_kb(imgs, quality=cfg.jpeg_quality, upscale=cfg.measure_upscale).double().numpy()
     out = {"compress": float(comp.mean()), "compress_se": float(comp.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0,
@@ -302,11 +308,13 @@ def evaluate(ctx: Context, cfg: DraftImageConfig, model, n: int, seed: int = 424
 
 def train_run(ctx: Context, cfg: DraftImageConfig, label: str, reward_name: str, seed: int, *,
               budget: Optional[int] = None, lam: float = 0.0, eps_penalty: float = 0.0, eval_every: Optional[int] = None,
-              n_eval: Optional[int] = None, log_kl: bool = False, progress: bool = False):
+              n_eval: Optional[int] = None, log_kl: bool = False, eta: Optional[float] = None,
+              progress: bool = False):
     """Fine-tune a fresh LoRA with method ``label`` on ``reward_name`` until the budget of reward queries is
     spent (``budget_steps``), through ``theory.engine.finetune``; evaluate on fixed noise at the start and
     every ``eval_every`` queries (evaluation time is not counted in the training wall time); ``log_kl``
-    records the path KL also when lam = 0 (an extra pre-trained pass per step). Returns
+    records the path KL also when lam = 0 (an extra pre-trained pass per step). ``eta``: the sampler of
+    training and evaluation (default ``cfg.eta``; DDPO trains at ``cfg.ddpo_eta``). Returns
     (model, data: curve rows {step, queries, wall_time, compress, jpeg_kb, ...} and the history)."""
     from theory.engine import FinetuneConfig, finetune
 
@@ -314,22 +322,24 @@ def train_run(ctx: Context, cfg: DraftImageConfig, label: str, reward_name: str,
     steps, qps = budget_steps(label, cfg, budget)
     every = max(1, (eval_every or cfg.eval_every) // qps)
     n_eval = n_eval or cfg.n_eval
+    eval_eta = cfg.eta if eta is None else eta
+    train_eta = cfg.ddpo_eta if label == "DDPO" else eval_eta
     torch.manual_seed(seed)
     model = _steered(ctx, cfg)
     reward = make_reward(ctx, reward_name, cfg)
-    fcfg = FinetuneConfig(steps=steps, batch_size=cfg.batch_size, n_steps=cfg.sample_steps, method="ddim", eta=cfg.eta,
+    fcfg = FinetuneConfig(steps=steps, batch_size=cfg.batch_size, n_steps=cfg.sample_steps, method="ddim", eta=train_eta,
                           lam=lam, eps_penalty=eps_penalty, lr=cfg.lr, weight_decay=cfg.weight_decay,
                           grad_clip=cfg.grad_clip, checkpoint=ckpt, seed=seed, progress=progress,
                           log_kl=log_kl and lam == 0 and label != "ReFL")
     P = len(ctx.prompts)
-    curve = [dict(step=0, queries=0, wall_time=0.0, **evaluate(ctx, cfg, model, n_eval))]
+    curve = [dict(step=0, queries=0, wall_time=0.0, **evaluate(ctx, cfg, model, n_eval, eta=eval_eta))]
     spent = [0.0]
 
     def callback(step, row):
         if step % every == 0 or step == steps:
             t0 = time.perf_counter()
             model.eval()
-            ev = evaluate(ctx, cfg, model, n_eval, keep=cfg.n_show if step == steps else 0)
+            ev = evaluate(ctx, cfg, model, n_eval, keep=cfg.n_show if step == steps else 0, eta=eval_eta)
             model.train()
             # the engine's wall time runs from the start of training and includes earlier evaluations
             curve.append(dict(step=step, queries=int(row["reward_queries_total"]),
@@ -519,7 +529,7 @@ def _diversity_of(ctx: Context, cfg: DraftImageConfig, model) -> dict:
 
     P = min(cfg.div_prompts, len(ctx.prompts))
     prompts = torch.arange(P).repeat(cfg.div_per_prompt)
-    imgs = draw(ctx, model, len(prompts), 777, cfg.eta, prompts=prompts)
+    imgs = draw(ctx, model, len(prompts), 777, cfg.div_eta, prompts=prompts)
     feats = judge_features(imgs)
     pix = imgs.mean(1).flatten(1).numpy()
     return {"judge_diversity": pairwise_diversity(feats, prompts.numpy()),
@@ -541,7 +551,7 @@ def diversity(cfg: DraftImageConfig, ctx: Optional[Context] = None, progress: bo
     for lam, eps in settings:
         model, data = train_run(ctx, cfg, cfg.div_method, cfg.div_reward, cfg.seeds[0], budget=cfg.div_budget,
                                 lam=lam, eps_penalty=eps, eval_every=cfg.div_budget, n_eval=cfg.n_eval,
-                                log_kl=True)
+                                log_kl=True, eta=cfg.div_eta)
         kl = [r["kl"] for r in data["history"][-5:] if r.get("kl") is not None]
         row = {"lam": lam, "eps_penalty": eps, "kl_last": float(np.mean(kl)) if kl else None,
                "train_seconds": data["curve"][-1]["wall_time"], **_diversity_of(ctx, cfg, model)}

@@ -153,7 +153,7 @@ def draw_compare(d: dict):
     cfg = d["config"]
     lines = _claim_lines(d)
     fig.suptitle(f"DRaFT family on the digits pipeline: {cfg['budget']} reward queries per run, batch "
-                 f"{cfg['batch_size']}, {cfg['sample_steps']} DDIM steps (eta {cfg['eta']}), CFG "
+                 f"{cfg['batch_size']}, {cfg['sample_steps']} DDIM steps (eta {cfg['eta']}; DDPO trains at {cfg['ddpo_eta']}), CFG "
                  f"{cfg['guidance_scale']}, LoRA r{cfg['lora_rank']}, lr {cfg['lr']}, seeds {cfg['seeds']}\n"
                  + "\n".join(lines), fontsize=8)
     H = fig.get_figheight()
@@ -238,7 +238,7 @@ def draw_diversity(d: dict):
     ax.set_title("samples (3 per prompt, first prompts)", fontsize=9)
     cfg = d["config"]
     kls = ", ".join(f"{lab}: {_f(r['kl_last']):.3g}" for lab, r in zip(labels[1:], runs) if r.get("kl_last") is not None)
-    fig.suptitle(f"{cfg['div_method']} on {cfg['div_reward']}, {cfg['div_budget']} reward queries, eta {cfg['eta']}; "
+    fig.suptitle(f"{cfg['div_method']} on {cfg['div_reward']}, {cfg['div_budget']} reward queries, eta {cfg['div_eta']}; "
                  f"path KL at the end: {kls}", fontsize=9)
     fig.tight_layout()
     return fig

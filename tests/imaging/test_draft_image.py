@@ -57,8 +57,8 @@ def test_budget_never_exceeds_and_wastes_less_than_one_step(budget, batch, n, la
 def test_config_errors_name_the_setting():
     with pytest.raises(ValueError, match="methods"):
         DraftImageConfig(methods=("DRaFT", "nope")).validate()
-    with pytest.raises(ValueError, match="eta"):
-        DraftImageConfig(eta=0.0).validate()  # DDPO needs the stochastic sampler
+    with pytest.raises(ValueError, match="ddpo_eta"):
+        DraftImageConfig(ddpo_eta=0.0).validate()  # DDPO needs the stochastic sampler
     with pytest.raises(ValueError, match="unknown key"):
         draft.load_config(None, budget_queries=3)
 
