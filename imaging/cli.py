@@ -163,7 +163,7 @@ def run_finetune_cmd(args) -> int:
     dist = from_environment(args.device)  # an accelerate / torchrun launch with several processes, else None
     s = run_finetune(cfg, dist=dist)
     if dist is None or dist.is_main:
-        print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {args.out}")
+        print(f"mean reward {s['reward_before']:.4f} -> {s['reward_after']:.4f}; wrote {cfg.out}")
     return 0
 
 
