@@ -27,8 +27,7 @@ import torch
 
 from .engine import update
 from .nets import dsm_loss
-from .param import eps_to_x0
-from .schedules import DiscreteVP, NoiseSchedule, append_dims
+from .schedules import DiscreteVP, NoiseSchedule
 from .solvers import differentiable_eps, is_stochastic, sample
 
 __all__ = [
@@ -113,6 +112,9 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
             per_dtype[dt] = (gg, (gg * gg).sum(-1), y.to(dt), s2)
         return per_dtype[dt]
 
+    def col(v):  # a 0-d or (B,) coefficient against the (B, D) samples (cheaper than append_dims per step)
+        return v if v.ndim == 0 else v[:, None]
+
     def field(x, t, eps, at=None):
         _check_batch(x, g)
         if at is not None:
@@ -121,26 +123,26 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
             a, h = schedule.alpha(t).to(x.dtype), schedule.sigma2(t).to(x.dtype)
             sig = h.sqrt()
         gg, gsq, yy, s2 = targets(x.dtype)
-        if not any_look:  # G: x0_hat without back-propagation
-            x0 = eps_to_x0(x, eps.detach(), a, sig)
-            resid = yy - (gg * x0).sum(-1)
+        if not any_look:  # G: g . x0_hat = (g . x - sigma g . eps) / alpha, without back-propagation
+            resid = yy - (torch.linalg.vecdot(gg, x) - sig * torch.linalg.vecdot(gg, eps.detach())) / a
             beta = a / (s2 + h * gsq)
-            return append_dims(beta * resid, x) * gg
-        # J = grad_x (g . x0_hat) = g / alpha + VJP_eps(-sigma g / alpha): the network's one VJP, with the
-        # cotangent autograd would send it through x0_hat = (x - sigma eps) / alpha
-        ga = gg / append_dims(a, x)
+            return (beta * resid)[:, None] * gg
+        # J = grad_x (g . x0_hat) = g / alpha + VJP_eps(-sigma g / alpha) (x0_hat = (x - sigma eps) / alpha):
+        # the network's one VJP; u = g . x0_hat = (g . x - sigma g . eps) / alpha, fewest operations per step
+        inv_a = 1 / a
         with torch.enable_grad():
             xg, e, retain = differentiable_eps(model, x, t, cond, eps)
-            (v,) = torch.autograd.grad(e, xg, grad_outputs=-ga * append_dims(sig, x), retain_graph=retain)
-        J = ga + v
-        u = (gg * eps_to_x0(x.detach(), e.detach(), a, sig)).sum(-1)  # g . x0_hat, (B,), no graph (as J)
+            (v,) = torch.autograd.grad(e, xg, grad_outputs=gg * col(-sig * inv_a), retain_graph=retain)
+        J = torch.addcmul(v, gg, col(inv_a))
+        u = (torch.linalg.vecdot(gg, x.detach()) - sig * torch.linalg.vecdot(gg, e.detach())) * inv_a
         resid = yy - u
-        beta = (a**2 / 2) / (a**2 * s2 + h * (J * J).sum(-1))
-        out = append_dims(2 * beta * resid, x) * J
+        a2 = a**2
+        beta = (a2 / 2) / (a2 * s2 + h * torch.linalg.vecdot(J, J))
+        out = (2 * beta * resid)[:, None] * J
         if mixed is None:
             return out
         beta_g = a / (s2 + h * gsq)
-        return torch.where(mixed, out, append_dims(beta_g * resid, x) * gg)
+        return torch.where(mixed, out, (beta_g * resid)[:, None] * gg)
 
     field.kind = "G_loss" if all_look else ("G" if not any_look else "G+G_loss")
     field.accepts_at = True

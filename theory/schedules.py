@@ -28,7 +28,8 @@ __all__ = [
 
 def append_dims(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample tensor (B,) or a scalar so that it broadcasts against ``x`` (B, ...)."""
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+    if not (torch.is_tensor(v) and v.dtype == x.dtype and v.device == x.device):  # (a per-step hot path)
+        v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
     if v.ndim == 0:
         return v
     if v.ndim > x.ndim:

@@ -185,7 +185,7 @@ def guided_eps(model, cond=None, guidance=None) -> EpsFn:
             if guidance is None:
                 return eps
             g = _call_field(guidance, x, at, eps.detach())
-        return eps - _bc(at.sigma, x) * g
+        return torch.addcmul(eps, _bc(-at.sigma, x), g)  # eps - sigma g
 
     return eps_fn
 
