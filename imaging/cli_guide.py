@@ -8,7 +8,8 @@ local diffusers pipeline, toward a differentiable reward seen through the VAE de
 
   round 0: unguided samples of the pipeline (one prompt, classifier-free guidance);
   round k: g = grad f(x), target y = g.x + delta, new samples guided by G (the naive gradient guidance)
-           or G_loss (the look-ahead guidance: one vector-Jacobian product through the UNet per step).
+           or G_loss (the look-ahead guidance: one vector-Jacobian product through the UNet per step),
+           from the same noise as round 0 (--noise fixed) or from fresh noise (--noise fresh).
 
 f is the reward standardised by the pre-trained samples' mean and sd, so --strengths (delta per round)
 and --sigma-y are in units of the pre-trained reward's spread. Every (method, strength) pair runs from the
@@ -38,7 +39,8 @@ def add_parser(sub) -> None:
                         "built-in digits settings")
     p.add_argument("--reward", default=None, metavar="NAME",
                    help="a differentiable reward of imaging.rewards.make_reward (default diff-compressibility; "
-                        "'aesthetic' on SD with the config's reward_kwargs)")
+                        "'aesthetic' on SD with the config's reward_kwargs), or digit-logprob (digits pipeline: "
+                        "log p(digit) of a classifier on the decoded image; --set 'reward_kwargs={\"digit\": 8}')")
     p.add_argument("--method", choices=["g", "g_loss", "both"], default=None,
                    help="guidance: g (naive G), g_loss (look-ahead G_loss) or both (default both)")
     p.add_argument("--strengths", default=None, metavar="S1,S2,...",
@@ -51,6 +53,10 @@ def add_parser(sub) -> None:
     p.add_argument("--algorithm", type=int, choices=[1, 2], default=None,
                    help="1: fixed pre-trained score; 2: also fine-tune a copy of the UNet on each round's samples "
                         "(score matching, --ft-lr, --ft-start) (default 1)")
+    p.add_argument("--noise", choices=["fixed", "fresh"], default=None,
+                   help="fixed: each chain keeps its starting noise and sampler noise in every round (Algorithm 1 "
+                        "only; the grid shows one image evolving); fresh: new noise every round (default fixed; "
+                        "Algorithm 2 needs fresh)")
     p.add_argument("--ft-lr", type=float, default=None, help="Algorithm 2: Adam learning rate (default 1e-5)")
     p.add_argument("--ft-start", type=int, default=None, help="Algorithm 2: first round that fine-tunes (default 0)")
     p.add_argument("--prompt", default=None, help="the prompt (default 'a handwritten digit 3')")
@@ -92,7 +98,7 @@ def overrides_of(args) -> dict:
 
     over = _overrides(args.set)
     simple = {"model": args.model, "reward": args.reward, "sigma_y": args.sigma_y, "rounds": args.rounds, "n": args.n,
-              "algorithm": args.algorithm, "ft_lr": args.ft_lr, "ft_start": args.ft_start, "prompt": args.prompt,
+              "algorithm": args.algorithm, "noise": args.noise, "ft_lr": args.ft_lr, "ft_start": args.ft_start, "prompt": args.prompt,
               "guidance_scale": args.guidance_scale, "steps": args.steps, "method": args.sampler,
               "pca_n": args.pca_n, "pca_var": args.pca_var, "dtype": args.dtype, "device": args.device,
               "seed": args.seed}

@@ -173,12 +173,13 @@ def test_cli_help_documents_every_option_and_runs_tiny(tmp_path, capsys):
     for opt in ("--model", "--reward", "--method", "--strengths", "--rounds", "--algorithm", "--prompt", "--steps",
                 "--seed", "--out"):
         assert opt in sub.format_help()
-    rc = main(["guide", "--tiny", "--prompt", "a photo of a cat", "--method", "g_loss", "--strengths", "0.5",
+    rc = main(["guide", "--tiny", "--prompt", "a photo of a cat", "--method", "g_loss", "--strengths", "0.5", "--noise", "fresh",
                "--rounds", "1", "--n", "2", "--steps", "2", "--pca-n", "6", "--no-timing", "--no-progress",
                "--set", "jpeg_upscale=1", "--out", str(tmp_path / "o")])
     assert rc == 0
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert [c["method"] for c in res["configs"]] == ["G_loss"] and res["config"]["rounds"] == 1
+    assert res["config"]["noise"] == "fresh"
     assert main(["guide", "--tiny", "--strengths", "a,b", "--out", str(tmp_path / "p")]) == 2
     assert "--strengths" in capsys.readouterr().err
 
