@@ -1,4 +1,4 @@
-"""diffsteer.theory: the mathematics of steering a VP diffusion model (see ../shared/THEORY.md).
+"""diffsteer.theory: the mathematics of steering a VP diffusion model (see docs/theory.md).
 
 Schedules, parameterisation conversions, exact models, the one solver, value functions, guidance
 fields and the fine-tuning engine. Torch only; imports neither ``sims`` nor ``imaging``.

@@ -1,5 +1,5 @@
 """Exact models: Gaussian mixtures (Gaussian, subspace and labelled cases included) in closed form
-(THEORY.md section 5), and rewards whose Gaussian integrals are closed form (section 4).
+(docs/theory.md §5), and rewards whose Gaussian integrals are closed form (§4).
 
 One class, ``GaussianMixture``, covers every exact model of the package:
 
@@ -166,7 +166,7 @@ class GaussianMixture(nn.Module):
         return torch.softmax(self.component_log_prob(x, t), dim=-1)
 
     def class_log_prob(self, x: torch.Tensor, t) -> torch.Tensor:
-        """The exact noisy classifier log p(y = c | X_t = x), shape (B, n_classes) (THEORY.md 5)."""
+        """The exact noisy classifier log p(y = c | X_t = x), shape (B, n_classes) (docs/theory.md §5)."""
         lp = torch.log_softmax(self.component_log_prob(x, t), dim=-1)
         out = []
         for c in range(self.n_classes):
@@ -199,7 +199,7 @@ class GaussianMixture(nn.Module):
         return (w[..., None] * comp).sum(1)
 
     def forward(self, x: torch.Tensor, t, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The exact eps: eps(x, t) = -sigma(t) score(x, t) (THEORY.md 2)."""
+        """The exact eps: eps(x, t) = -sigma(t) score(x, t) (docs/theory.md §2)."""
         _, _, s2 = self._coeffs(x, t)
         return -append_dims(s2.sqrt(), x) * self.score(x, t, cond)
 
@@ -227,7 +227,7 @@ class GaussianMixture(nn.Module):
 
     # ------------------------------------------------------------------ rewards: values and tilts
     def log_h(self, x: torch.Tensor, t, reward: "Reward", lam: float) -> torch.Tensor:
-        """Closed-form log h_t(x) = log E[exp(r(X_0)/lam) | X_t = x] (THEORY.md 4-5), shape (B,).
+        """Closed-form log h_t(x) = log E[exp(r(X_0)/lam) | X_t = x] (docs/theory.md §4-§5), shape (B,).
 
         The posterior is a Gaussian mixture and r is linear or quadratic, so
         h_t(x) = sum_k w_k(x) E_{N(m_k, C_k)}[exp(r/lam)], each term a Gaussian integral.
@@ -236,11 +236,11 @@ class GaussianMixture(nn.Module):
         return torch.logsumexp(logw + reward.log_mgf(m, C, lam), dim=-1)
 
     def value(self, x: torch.Tensor, t, reward: "Reward", lam: float) -> torch.Tensor:
-        """v_t(x) = lam log h_t(x) (THEORY.md 4)."""
+        """v_t(x) = lam log h_t(x) (docs/theory.md §4)."""
         return lam * self.log_h(x, t, reward, lam)
 
     def tilted(self, reward: "Reward", lam: float) -> "GaussianMixture":
-        """The tilted law p*(x0) ∝ p_0(x0) exp(r(x0)/lam) in closed form (THEORY.md 4-5): each component
+        """The tilted law p*(x0) ∝ p_0(x0) exp(r(x0)/lam) in closed form (docs/theory.md §4-§5): each component
         is tilted in closed form and reweighted by its normaliser, pi_k Z_k."""
         if lam <= 0:
             raise ValueError(f"lam: the KL weight must be > 0, got {lam}")
@@ -281,7 +281,7 @@ def random_orthonormal(D: int, d: int, generator: Optional[torch.Generator] = No
 
 
 def subspace_gaussian(A, schedule: Optional[NoiseSchedule] = None, dtype=torch.float64) -> GaussianMixture:
-    """Subspace data X_0 = A z, z ~ N(0, I_d), A with orthonormal columns (THEORY.md 5): N(0, A A^T)."""
+    """Subspace data X_0 = A z, z ~ N(0, I_d), A with orthonormal columns (docs/theory.md §5): N(0, A A^T)."""
     A = torch.as_tensor(A, dtype=dtype)
     if A.ndim != 2 or A.shape[1] > A.shape[0]:
         raise ValueError(f"A: expected a D x d matrix with d <= D, got {tuple(A.shape)}")
@@ -313,7 +313,7 @@ class Reward:
 
 
 class LinearReward(Reward):
-    """r(x) = b . x (THEORY.md 5): log E exp(r/lam) = b.m/lam + b.C b/(2 lam^2); tilt: mean + C b / lam."""
+    """r(x) = b . x (docs/theory.md §5): log E exp(r/lam) = b.m/lam + b.C b/(2 lam^2); tilt: mean + C b / lam."""
 
     def __init__(self, b):
         self.b = torch.as_tensor(b, dtype=torch.float64)
@@ -338,7 +338,7 @@ class LinearReward(Reward):
 
 
 class QuadraticReward(Reward):
-    """r(x) = -1/2 (x - m).Q (x - m), Q symmetric PSD (THEORY.md 5).
+    """r(x) = -1/2 (x - m).Q (x - m), Q symmetric PSD (docs/theory.md §5).
 
     With P = Q / lam, for N(mu, S): tilted covariance (S^-1 + P)^-1 = (I + S P)^-1 S, mean
     mu + S' P (m - mu), log normaliser -1/2 log det(I + S P) - 1/2 (m - mu).P (I + S P)^-1 (m - mu);

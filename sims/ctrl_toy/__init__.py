@@ -1,4 +1,4 @@
-"""CTRL at toy scale (issue 5; seed ctrl_conditioning_with_rl): conditioning a pre-trained 2-D diffusion
+"""CTRL at toy scale (Zhao et al. 2024, CTRL): conditioning a pre-trained 2-D diffusion
 model on labels by RL fine-tuning, against classifier guidance, DPS and classifier-free guidance, with
 exact targets p_gamma(x | y) ∝ p(y | x)^gamma p(x) normalised on a grid.
 

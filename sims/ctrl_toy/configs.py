@@ -1,4 +1,4 @@
-"""Frozen configs of the CTRL toy (issue 5). Experiments are functions of these; ``quick()`` gives the
+"""Frozen configs of the CTRL toy. Experiments are functions of these; ``quick()`` gives the
 reduced settings of ``diffsteer figures --quick`` (< 5 min for all five figures on 2 cores)."""
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ models (exact eps and a cached EpsMLP), offline (x, y) sets, and exact targets o
 
     target for label y at strength gamma:  p_gamma(x | y) = p(y | x)^gamma p(x) / Z     (CTRL eq. 2)
 
-normalised numerically on a ``grid_n`` x ``grid_n`` grid over [-L, L]^2 (THEORY.md 5).
+normalised numerically on a ``grid_n`` x ``grid_n`` grid over [-L, L]^2 (docs/theory.md §5).
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def check_gamma(gamma: float) -> float:
 
 def schedule(cfg: ToyConfig = ToyConfig()) -> LinearVP:
     """DDPM's linear VP schedule in continuous time on [0, 1] (alpha(1) ~ 0.0066: X_T nearly
-    independent of X_0, so the initial-value bias of THEORY.md 4 is negligible)."""
+    independent of X_0, so the initial-value bias of docs/theory.md §4 is negligible)."""
     return LinearVP(cfg.beta_min, cfg.beta_max, T=1.0)
 
 

@@ -283,7 +283,7 @@ def two_labels(cfg: TwoLabelConfig) -> dict:
 
 def exact_check(cfg: ExactCheckConfig) -> dict:
     """Must-be-true (a): base = exact mixture eps (float64), reward = exact log p(y | x0), gamma = 1. The
-    optimal added score is the exact classifier-guidance field grad log p(y | x_t) (CTRL Lemma 2, THEORY.md 4).
+    optimal added score is the exact classifier-guidance field grad log p(y | x_t) (CTRL Lemma 2, docs/theory.md §4).
     Drift error: on states of the exactly guided process for label ``cfg.label``, at every grid time,
     delta = learned score correction -(eps_aug - eps_pre)/sigma vs delta* = grad log p(y|x_t);
     rel_err = sqrt( sum_t beta_t dt E|delta - delta*|^2 / sum_t beta_t dt E|delta*|^2 ) (the Girsanov weighting
@@ -315,7 +315,7 @@ def drift_error(model, law, lab, cfg: ExactCheckConfig) -> dict:
       laws. Both chains start from N(0, I) and have Gaussian kernels of the same std c_i, means m*_i (exact
       guidance) and m_i (CTRL), so by the chain rule of KL and data processing
           KL(law of x0 under exact guidance || law of x0 under CTRL) <= sum_i E_{P*} |m*_i - m_i|^2 / (2 c_i^2)
-      exactly for the discrete chains (THEORY.md 4, the discretised Girsanov KL), estimated on the states of
+      exactly for the discrete chains (docs/theory.md §4, the discretised Girsanov KL), estimated on the states of
       the exactly guided chain. ``path_kl_bound_continuous`` = 1/2 sum_i beta_i h_i E|delta - delta*|^2 is its
       continuous-time (Girsanov) counterpart. The exactly guided chain itself is within ``kl_exact_guidance``
       (histogram KL) of the target.

@@ -63,7 +63,7 @@ class Method:
             raise ValueError("reward: 'a_threshold' has no gradient; only kind='ddpo' can train on it")
 
 
-#: the compared methods of issue 6 (all at the same learning rate; DDPO on the threshold of reward A).
+#: the compared methods (DRaFT paper, sec. 4) (all at the same learning rate; DDPO on the threshold of reward A).
 #: DRaFT-50 is DRaFT on the 50-step grid (identical runs, a consistency check of the engine).
 METHODS: tuple[Method, ...] = (
     Method("DRaFT", "draft"),
@@ -74,7 +74,7 @@ METHODS: tuple[Method, ...] = (
     Method("DRaFT-LV", "draftlv", n=2),
     Method("ReFL", "refl", refl_steps=(1, 10)),
     Method("DDPO", "ddpo", reward="a_threshold"),
-    # control (not in issue 6's list): DDPO with one optimiser update per batch instead of 4 PPO epochs,
+    # control (not among the paper's methods): DDPO with one optimiser update per batch instead of 4 PPO epochs,
     # to separate "more updates per query" from "better use of each query"
     Method("DDPO-1upd", "ddpo", reward="a_threshold", ddpo_inner=1),
 )

@@ -43,7 +43,7 @@ def mode_counts(x: torch.Tensor, cfg: PretrainConfig = PretrainConfig()) -> torc
 def kl_regularised_optimum(lam: float, reward: str = "a", pretrain: PretrainConfig = PretrainConfig(),
                            rewards: RewardConfig = RewardConfig()) -> dict:
     """The exact optimum of max_p E_p[r] - lam KL(p || p_0) over laws of x0, for the ring law p_0 and a
-    quadratic reward (THEORY.md 4-5): p* = p_0 exp(r/lam) / Z is again a Gaussian mixture
+    quadratic reward (docs/theory.md §4-§5): p* = p_0 exp(r/lam) / Z is again a Gaussian mixture
     (``GaussianMixture.tilted``), and
 
         E_{p*}[r] = sum_k w_k * (-1/2) ((m_k - c).Q(m_k - c) + tr(Q C_k)),
@@ -81,7 +81,7 @@ def evaluate(eps_model, *, reference=None, n: int = 1024, seed: int = 12345, eta
     Returns mean and standard error (std / sqrt(n)) of each reward, ``spread``, ``modes_covered``
     (components holding >= 2% of the samples, the uniform share being 12.5%), ``mode_entropy`` (nats;
     log 8 = 2.08 is uniform), and with ``reference`` the mean discretised path KL
-    sum_steps |mu - mu_ref|^2 / (2 std^2) of the sampler's Gaussian transitions (THEORY.md 4), which
+    sum_steps |mu - mu_ref|^2 / (2 std^2) of the sampler's Gaussian transitions (docs/theory.md §4), which
     bounds the KL of the final marginals from above (data-processing inequality)."""
     if n < 2:
         raise ValueError(f"n: need >= 2 evaluation samples, got {n}")

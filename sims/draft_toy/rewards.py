@@ -15,7 +15,7 @@ __all__ = ["QuadraticBowl", "Threshold", "make_reward", "SumReward"]
 class QuadraticBowl:
     """r(x) = -|x - c|^2 / 2, maximal (0) at c; gradient c - x. It is ``theory.exact.QuadraticReward``
     with Q = I and m = c (``.exact()``), whose closed-form tilts give the KL-regularised optimum
-    (THEORY.md 4-5)."""
+    (docs/theory.md §4-§5)."""
 
     differentiable = True
 

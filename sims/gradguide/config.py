@@ -1,4 +1,4 @@
-"""Frozen configurations of the gradient-guidance experiments (GRADIENT_GUIDANCE.md, "Objectives and
+"""Frozen configurations of the gradient-guidance experiments (docs/theory.md §7; the paper's "Objectives and
 settings"). Full settings are the defaults; ``quick()`` variants shrink rounds, seeds and steps."""
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class SphereConfig:
     net: NetConfig = field(default_factory=lambda: NetConfig(data="sphere", steps=4000, batch_size=256))
 
 
-# The paper's settings (GRADIENT_GUIDANCE.md table).
+# The paper's settings (docs/theory.md §7).
 def alg_runs(quick: bool = False) -> dict[str, RunConfig]:
     """The four f1 (theta_2) runs of figures 1, 2 and 5: Algorithm 1 and 2 with G and G_loss."""
     runs = {

@@ -1,4 +1,4 @@
-"""Data, schedule and pre-trained models of the gradient-guidance experiments (GRADIENT_GUIDANCE.md).
+"""Data, schedule and pre-trained models of the gradient-guidance experiments (docs/theory.md §7).
 
 - subspace data x = A z, z ~ N(0, I_d), A = first d columns of a random orthogonal matrix;
 - unit-sphere data x = xi / |xi|, xi ~ N(0, I_D);

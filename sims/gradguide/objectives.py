@@ -1,4 +1,4 @@
-"""The paper's objectives (GRADIENT_GUIDANCE.md, "Objectives and settings"), as callables
+"""The paper's objectives (docs/theory.md §7), as callables
 ``f(x) -> (B,)`` with a ``dim`` attribute (checked against the data by theory.gradient_guidance)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CTRL toy (issue 5): exact targets, augmented model, metrics, errors, and CTRL against the exact
+"""CTRL toy: exact targets, augmented model, metrics, errors, and CTRL against the exact
 classifier-guidance drift (must-be-true a; the full-size check is @slow).
 
 Tolerances: closed forms in float64 at round-off; Monte Carlo ones from the stated standard error.
@@ -189,7 +189,7 @@ def test_ctrl_exact_drift_full(engine):
 def test_girsanov_path_kl_at_init_is_the_label_information():
     """The continuous-time path KL behind the bound of must-be-true (a), for the zero correction (the pre-trained
     model): 1/2 int beta E_{P*} |grad log p(y|x_t)|^2 dt = E_{P*}[log h_0(X_0) - log h_T(X_T)] (Girsanov with the
-    h-transform, THEORY.md 4) = E_{p(x|y=0)} log p(0|x) - log pi_0 (alpha(T) = 0.0066: X_T ~ independent of y).
+    h-transform, docs/theory.md §4) = E_{p(x|y=0)} log p(0|x) - log pi_0 (alpha(T) = 0.0066: X_T ~ independent of y).
     The package's left-point Riemann sum on the 100-step grid must match that closed form (computed on 2e5 exact
     component-0 draws, SE < 1e-3): measured 0.772 vs 0.788; the Riemann sum's error was 0.131 / 0.081 / 0.048 /
     0.016 at 10 / 25 / 50 / 100 steps (O(1/n)), its MC SE on 2000 states ~0.01; we allow 0.016 + 0.01 * 3 = 0.05."""

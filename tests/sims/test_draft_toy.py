@@ -1,4 +1,4 @@
-"""Tests of the DRaFT toy (issue 6b): each method raises its reward on a small problem in a few dozen
+"""Tests of the DRaFT toy: each method raises its reward on a small problem in a few dozen
 steps; LoRA scale 0 is the pre-trained model; the sum of two adapters equals running with both;
 plus closed-form checks of the rewards, the metrics and the LoRA time window."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""sims.gradguide: objectives' closed forms, the exact-score claims of issue 4 (b), the cached trained
+"""sims.gradguide: objectives' closed forms, the exact-score claims, the cached trained
 model, the experiment functions on tiny settings, and the figure registration."""
 import math
 
@@ -68,7 +68,7 @@ def test_exact_model_dsm_loss_matches_closed_form():
 
 
 def test_claim_b_exact_score_G_loss_never_beats_subspace_bound():
-    """Issue 4 (b): with the exact score, Algorithm 1 + G_loss on f2 never exceeds f2's best value on
+    """With the exact score, Algorithm 1 + G_loss on f2 never exceeds f2's best value on
     span(A), 5 - 0.5 |b_perp|, beyond f2(x) - bound <= 0.5 |x_perp| (triangle inequality); the exact
     score keeps |x_perp| at float64 round-off, so the stated discretisation error is 1e-9; r_off < 1e-3."""
     for obj in ("f2_b1", "f2_b2"):

@@ -1,4 +1,4 @@
-"""Exact models (THEORY.md 5), test (a) of issue 2 and the closed-form tilts."""
+"""Exact models (docs/theory.md §5), the exact scores and the closed-form tilts."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -64,7 +64,7 @@ def test_labelled_mixture_class_posterior_sums_responsibilities_and_conditional_
 @SET
 @given(st.integers(1, 3), st.integers(0, 10_000), st.floats(0.3, 3.0))
 def test_tilts_match_theory_closed_forms(D, seed, lam):
-    """THEORY.md 5: linear tilt N(mu + S b / lam, S); quadratic tilt precision S^-1 + Q / lam and mean
+    """docs/theory.md §5: linear tilt N(mu + S b / lam, S); quadratic tilt precision S^-1 + Q / lam and mean
     (S^-1 + Q/lam)^-1 (S^-1 mu + Q m / lam); log Z against a Monte Carlo estimate is in test_values."""
     g = torch.Generator().manual_seed(seed)
     mu, S = torch.randn(D, generator=g, dtype=F64), _spd(D, g)
