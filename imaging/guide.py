@@ -374,7 +374,8 @@ TIMING_REPEATS = 3
 def time_rounds(ctx: Context, cfg: GuideConfig, objective, repeats: int = TIMING_REPEATS) -> dict:
     """Wall seconds of one unguided pass of ``cfg.n`` chains, and of one Algorithm-1 round with G and one with
     G_loss (the guided pass plus the reward gradient at its samples) on the same chains, toward targets
-    y = g.x0 + strengths[0] at the unguided samples x0; each the minimum over ``repeats`` runs; and the ratios
+    y = g.x0 + strengths[0] at the unguided samples x0 (after one warm-up pass); each the minimum over ``repeats``
+    interleaved runs; and the ratios
     of the rounds to the unguided pass (the runtime table's image row)."""
     from theory.gradient_guidance import gradient_guidance, objective_and_grad
     from theory.solvers import sample
@@ -382,25 +383,29 @@ def time_rounds(ctx: Context, cfg: GuideConfig, objective, repeats: int = TIMING
     xT = torch.randn(cfg.n, ctx.model.dim, generator=torch.Generator().manual_seed(cfg.seed + 7))
 
     def timed(field):
-        best, x = float("inf"), None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                x = sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, guidance=field,
-                           generator=torch.Generator().manual_seed(1)).x0
-            if field is not None:
-                objective_and_grad(objective, x)
-            best = min(best, time.perf_counter() - t0)
-        return best, x
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, guidance=field,
+                       generator=torch.Generator().manual_seed(1)).x0
+        if field is not None:
+            objective_and_grad(objective, x)
+        return time.perf_counter() - t0, x
 
-    out = {"n_chains": cfg.n, "steps": cfg.steps, "repeats": repeats}
-    out["unguided_pass_s"], x0 = timed(None)
+    _, x0 = timed(None)  # warm-up, and the samples the targets are built at
     _, grad = objective_and_grad(objective, x0)
     y = (grad * x0).sum(-1) + float(cfg.strengths[0])
+    fields = {"unguided": None}
+    fields.update({kind: gradient_guidance(ctx.schedule, grad, y, cfg.sigma_y, lookahead=kind == "G_loss", model=ctx.model)
+                   for kind in cfg.methods})
+    best = {k: float("inf") for k in fields}
+    for _ in range(repeats):  # interleaved, so that other jobs' load falls on every kind alike
+        for k, field in fields.items():
+            best[k] = min(best[k], timed(field)[0])
+    out = {"n_chains": cfg.n, "steps": cfg.steps, "repeats": repeats, "interleaved": True,
+           "unguided_pass_s": best["unguided"]}
     for kind in cfg.methods:
-        field = gradient_guidance(ctx.schedule, grad, y, cfg.sigma_y, lookahead=kind == "G_loss", model=ctx.model)
-        out[f"round_{kind}_s"], _ = timed(field)
-        out[f"ratio_{kind}"] = out[f"round_{kind}_s"] / out["unguided_pass_s"]
+        out[f"round_{kind}_s"] = best[kind]
+        out[f"ratio_{kind}"] = best[kind] / best["unguided"]
     return out
 
 
@@ -507,6 +512,27 @@ def _mean_se(v) -> tuple:
     return float(a.mean()), float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else float("nan")
 
 
+def _paired(configs, results, cfg: GuideConfig) -> list:
+    """G_loss minus G per chain, at each strength and round: both kinds run from the same noise (same seed; fixed
+    noise: the same x_T and sampler noise, fresh: the same draws every round), so chain i of one is paired with
+    chain i of the other. Mean and se of the differences of the standardised reward and of the off-subspace share."""
+    by = dict(zip(configs, results))
+    out = []
+    for s in cfg.strengths:
+        a, b = by.get(("G_loss", float(s))), by.get(("G", float(s)))
+        if a is None or b is None:
+            continue
+        rows = []
+        for k in range(len(a.values)):
+            row = {"round": k}
+            for name, da, db in [("reward_std", a.values[k], b.values[k]),
+                                 ("off_subspace", a.metrics[k]["off_subspace"], b.metrics[k]["off_subspace"])]:
+                row[name], row[name + "_se"] = _mean_se(np.asarray(da, dtype=float) - np.asarray(db, dtype=float))
+            rows.append(row)
+        out.append({"strength": float(s), "rounds": rows})
+    return out
+
+
 def _uint8(img: torch.Tensor) -> torch.Tensor:
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
@@ -602,13 +628,14 @@ def run(cfg: GuideConfig, out=None, *, pipe=None, progress: bool = False) -> dic
         if progress:
             print(f"{kind:6s} strength {s:g}: reward(std) {rows[0]['reward_std']:+.3f} -> {rows[-1]['reward_std']:+.3f}, "
                   f"off-subspace {rows[0]['off_subspace']:.4f} -> {rows[-1]['off_subspace']:.4f}", flush=True)
+    paired = _paired(configs, results, cfg)
     results_json = {
         "config": cfg.to_json(), "model_dir": ctx.model_dir, "latent_shape": list(ctx.shape),
         "reference": {"n": cfg.pca_n, "reward_mean": mu, "reward_sd": sd, "pca_k": ref["k"], "D": ref["D"],
                       "pca_var": cfg.pca_var, "explained_at_k": float(ref["explained"][ref["k"] - 1]),
                       "explained": [float(v) for v in ref["explained"][:min(64, ref["D"])]],
                       "in_sample_off_subspace": float(ref["in_sample_off"].mean()), "seconds": t_ref},
-        "judge_digit": ctx.digit, "batched": batched, "kept_rounds": keep, "configs": per_config,
+        "judge_digit": ctx.digit, "batched": batched, "kept_rounds": keep, "configs": per_config, "paired": paired,
         "timing": timing, "optimise_seconds": t_opt, "seconds": time.perf_counter() - t_all,
     }
     if out is not None:

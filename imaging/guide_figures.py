@@ -49,7 +49,7 @@ def experiment(quick: bool, extra: dict) -> dict:
     res_path = out / "results.json"
     if res_path.exists() and json.loads(res_path.read_text()).get("config") == json.loads(json.dumps(cfg.to_json())):
         res = json.loads(res_path.read_text())
-        if res.get("timing") is not None and "repeats" not in res["timing"]:  # a run timed once: time it again
+        if res.get("timing") is not None and "interleaved" not in res["timing"]:  # timed by an older rule: again
             from .guide import retime
 
             res["timing"] = retime(res)
@@ -127,8 +127,8 @@ def draw(d: dict):
 
     cfg, ref, t = d["config"], d["reference"], d.get("timing")
     has_judge = "judge_p_digit" in d["configs"][0]["rounds"][0]
-    fig = plt.figure(figsize=(16, 8.5))
-    gs = fig.add_gridspec(2, 3 if has_judge else 2, height_ratios=[1, 1.15])
+    fig = plt.figure(figsize=(20, 8.5))
+    gs = fig.add_gridspec(2, 4 if has_judge else 3, height_ratios=[1, 1.15])
     ax = fig.add_subplot(gs[0, 0])
     _curves(ax, d, "gain_std", f"reward gain over round 0 (pre-trained sds of {ref['reward_sd']:.3g})",
             f"{cfg['reward']} {cfg.get('reward_kwargs') or ''}\nsolid G_loss, dashed G; band +-1 se of the change"
@@ -146,6 +146,20 @@ def draw(d: dict):
         _curves(ax, d, "judge_max", "judge: max class probability",
                 f"realism: the judge's confidence in some digit\n(prompt digit {d['judge_digit']})")
         ax.set_ylim(0, 1.02)
+    ax = fig.add_subplot(gs[0, -1])
+    strengths = cfg["strengths"]
+    for p in d.get("paired", []):
+        col = _COLORS[strengths.index(p["strength"]) % len(_COLORS)]
+        k = [r["round"] for r in p["rounds"]]
+        m = np.asarray([r["off_subspace"] for r in p["rounds"]], dtype=float)
+        se = np.asarray([r["off_subspace_se"] if not isinstance(r["off_subspace_se"], str) else 0.0
+                         for r in p["rounds"]], dtype=float)
+        ax.plot(k, m, "o-", ms=3, color=col, label=f"strength {p['strength']:g}")
+        ax.fill_between(k, m - 2 * se, m + 2 * se, color=col, alpha=0.15, lw=0)
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xlabel("round"), ax.set_ylabel("off-subspace share, G_loss - G")
+    ax.set_title("G_loss - G per chain (paired, same noise)\nband +-2 se; < 0: G_loss closer to the data", fontsize=9)
+    ax.legend(fontsize=6)
     ax = fig.add_subplot(gs[1, :])
     _grid(ax, d)
     rt = ""
@@ -164,8 +178,9 @@ def draw(d: dict):
 def summary(res: dict) -> tuple[dict, dict]:
     """Scalars per configuration (final reward gain in pre-trained sds and raw units, gain per round over the
     first third of the rounds, off-subspace share at round 0 and at the end, judge confidence at the end) and
-    the verdicts: does G_loss stay closer to the data than G (last round, per strength, the difference of the
-    off-subspace means with the se of the difference), and the runtime ratios."""
+    the verdicts: does G_loss stay closer to the data than G (last round, per strength, the mean of the paired
+    per-chain differences of the off-subspace share with its se; in how many rounds it is below 0), and the
+    runtime ratios."""
     out, verdicts = {}, {}
     K = res["config"]["rounds"]
     k1 = max(1, K // 3)
@@ -180,14 +195,15 @@ def summary(res: dict) -> tuple[dict, dict]:
                      "off_change_end_se": r[-1]["off_change_se"]}
         if "judge_max" in r[-1]:
             out[name]["judge_max_end"] = r[-1]["judge_max"]
-    for s in res["config"]["strengths"]:
-        if ("G", s) in by and ("G_loss", s) in by:
-            a, b = by[("G_loss", s)], by[("G", s)]
-            diff = a["off_subspace"] - b["off_subspace"]
-            se = (a["off_change_se"] ** 2 + b["off_change_se"] ** 2) ** 0.5
-            v = "G_loss closer" if diff < -2 * se else ("G closer" if diff > 2 * se else "no difference beyond 2 se")
-            verdicts[f"off-subspace share, G_loss - G, last round, strength {s:g}"] = {
-                "verdict": v, "difference": diff, "se": se, "G_loss": a["off_subspace"], "G": b["off_subspace"]}
+    for p in res.get("paired", []):
+        last = p["rounds"][-1]
+        diff, se = last["off_subspace"], last["off_subspace_se"]
+        lower = sum(r["off_subspace"] < 0 for r in p["rounds"][1:])
+        v = "G_loss closer" if diff < -2 * se else ("G closer" if diff > 2 * se else "no difference beyond 2 se")
+        verdicts[f"off-subspace share, G_loss - G (paired chains), last round, strength {p['strength']:g}"] = {
+            "verdict": v, "difference": diff, "se": se, "G_loss": by[("G_loss", p["strength"])]["off_subspace"],
+            "G": by[("G", p["strength"])]["off_subspace"], "rounds_with_G_loss_lower": f"{lower} of {len(p['rounds']) - 1}",
+            "reward_difference_sd": last["reward_std"], "reward_difference_se": last["reward_std_se"]}
     t = res.get("timing")
     if t:
         verdicts["runtime: a round / one unguided pass"] = {

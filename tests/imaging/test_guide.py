@@ -45,8 +45,15 @@ def test_algorithm1_records_every_configuration_from_the_same_noise(alg1):
     r0 = res["configs"][0]["rounds"][0]
     assert r0["reward_std"] == pytest.approx((r0["reward_raw"] - ref["reward_mean"]) / ref["reward_sd"], rel=1e-5, abs=1e-6)
     assert 1 <= ref["pca_k"] <= min(ref["n"], ref["D"]) and ref["explained_at_k"] >= 0.95
+    # paired G_loss - G per chain: its mean is the difference of the two configurations' means
+    assert [p["strength"] for p in res["paired"]] == [0.5, 1.0]
+    for p, g, gl in zip(res["paired"], res["configs"][:2], res["configs"][2:]):
+        for row, rg, rgl in zip(p["rounds"], g["rounds"], gl["rounds"]):
+            assert row["off_subspace"] == pytest.approx(rgl["off_subspace"] - rg["off_subspace"], abs=1e-7)
+            assert row["reward_std"] == pytest.approx(rgl["reward_std"] - rg["reward_std"], abs=1e-6)
+    assert res["paired"][0]["rounds"][0]["off_subspace"] == 0.0  # round 0: the same unguided batch
     t = res["timing"]
-    assert t["unguided_pass_s"] > 0 and t["ratio_G"] > 0 and t["ratio_G_loss"] > 0
+    assert t["interleaved"] and t["unguided_pass_s"] > 0 and t["ratio_G"] > 0 and t["ratio_G_loss"] > 0
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["configs"] == json.loads(json.dumps(res["configs"]))
     from safetensors.torch import load_file
@@ -201,8 +208,9 @@ def test_figure_draws_from_its_json(alg1):
     summ, verdicts = guide_figures.summary(d)
     assert set(summ) == {f"{m} s={v:g}" for m in ("G", "G_loss") for v in (0.5, 1.0)}
     c = d["configs"][2]
-    assert summ["G_loss s=0.5"]["gain_sd"] == pytest.approx(c["rounds"][-1]["reward_std"] - c["rounds"][0]["reward_std"], abs=1e-9)
-    assert {"off-subspace share, G_loss - G, last round, strength 0.5", "runtime: a round / one unguided pass"} <= set(verdicts)
+    assert summ["G_loss s=0.5"]["gain_sd"] == pytest.approx(c["rounds"][-1]["reward_std"] - c["rounds"][0]["reward_std"], rel=1e-5)  # float32 sums
+    assert {"off-subspace share, G_loss - G (paired chains), last round, strength 0.5",
+            "runtime: a round / one unguided pass"} <= set(verdicts)
 
 
 def test_digit_logprob_is_the_fitted_logistic_regression_on_the_judge_features():
