@@ -1,4 +1,4 @@
-"""Rewards of the DRaFT toy, ``reward(x0, cond) -> (B,)`` with attribute ``differentiable`` (ENGINE_API).
+"""Rewards of the DRaFT toy, ``reward(x0, cond) -> (B,)`` with attribute ``differentiable`` (docs/api.md).
 
 Two smooth rewards with different optima (``QuadraticBowl`` around c_A and around c_B) and the
 non-differentiable threshold of the first, 1{|x - c_A| < rho}, for DDPO.

@@ -30,7 +30,7 @@ def _model(kind, D, seed, schedule):
 @SET
 @given(st.sampled_from(["gaussian", "mixture", "subspace"]), st.integers(1, 4), st.integers(0, 10_000),
        st.floats(0.02, 0.98))
-def test_a_exact_score_is_autograd_of_log_pt(kind, D, seed, u):
+def test_exact_score_is_autograd_of_log_pt(kind, D, seed, u):
     """(a) score(x, t) = grad_x log p_t(x) for Gaussian (singular S included), mixture and subspace data."""
     sch = LinearVP()
     m = _model(kind, D, seed, sch)
