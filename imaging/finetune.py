@@ -305,6 +305,38 @@ def _conditions(cfg: SDFinetuneConfig, n: int, generator: torch.Generator) -> to
     return c
 
 
+#: fields of SDFinetuneConfig a resumed run may change (the engine checks its own config and the strategy)
+RESUMABLE_CHANGES = ("steps", "ckpt_every", "device", "progress", "out")
+RUN_FILE = "sd_finetune_config.json"
+
+
+def check_resume(cfg: SDFinetuneConfig) -> None:
+    """If ``cfg.out`` holds a checkpoint, the run it belongs to must have the same settings (the pipeline,
+    prompts, reward, LoRA, dtype, labels, ... as recorded in ``out/sd_finetune_config.json``); else a
+    ValueError listing each differing field. Cheap: runs before a model is loaded."""
+    import json
+
+    from theory.engine import find_checkpoint
+
+    out = Path(cfg.out)
+    rec = out / RUN_FILE
+    if not out.is_dir() or find_checkpoint(out) is None or not rec.is_file():
+        return
+    try:
+        old = json.loads(rec.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--out: {rec} is not valid JSON ({e}); restore it or start a fresh --out") from None
+    from theory.io import to_strict_json
+
+    new = to_strict_json(asdict(cfg))
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+    if diff:
+        raise ValueError(f"--out: {out} holds a checkpoint of a run with other settings ({'; '.join(diff)}); "
+                         f"rerun with the recorded values, or pass a fresh --out (only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES[:3])} may change)")
+
+
 def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
     """Fine-tune, writing into ``cfg.out``: ``checkpoint/`` (atomic, resumed from if present),
     ``pytorch_lora_weights.safetensors`` (the trained adapter, diffusers format), ``label_embedding.safetensors``
@@ -323,6 +355,7 @@ def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
     out = Path(cfg.out)
     if is_main:
         check_out_dir(out)
+    check_resume(cfg)
     device = None
     if dist is not None and int(dist.world_size) > 1 and getattr(dist, "device", None) is not None:
         # each process on its own device: the launcher's (cuda:LOCAL_RANK), unless --device names an index
@@ -352,6 +385,8 @@ def run_finetune(cfg: SDFinetuneConfig, dist=None) -> dict:
         x0 = sample(eps_model, sch, x, ts, method="ddim", eta=cfg.eta, cond=c, generator=g).x0
         return float(reward(x0, c).float().mean())
 
+    if is_main and not (out / RUN_FILE).is_file():
+        atomic_write_json(out / RUN_FILE, asdict(cfg))
     before = mean_reward(model.reference)
     hist = finetune(model, sch, reward, strategy, fcfg, x_T_sampler=x_T_sampler, cond_sampler=cond_sampler, ts=ts,
                     dist=dist)

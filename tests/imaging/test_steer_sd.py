@@ -99,3 +99,28 @@ def test_sd_finetune_bad_method(tmp_path):
     with pytest.raises(ValueError, match="reward"):
         run_finetune(SDFinetuneConfig(tiny=True, method="draftk", reward="compressibility", out=str(tmp_path),
                                       progress=False))
+
+
+def test_sd_finetune_resume_refuses_other_settings(tmp_path, monkeypatch):
+    """Resuming into an --out whose run had other prompts / reward / LoRA rank / dtype is refused before a
+    model is loaded, naming each differing field; --steps may change."""
+    from dataclasses import replace
+
+    from imaging.finetune import SDFinetuneConfig, run_finetune
+
+    cfg = SDFinetuneConfig(tiny=True, prompts=("a red dog",), method="draftk", k="1", steps=1, batch_size=1,
+                           sample_steps=2, guidance_scale=1.0, lr=1e-2, ckpt_every=1, out=str(tmp_path),
+                           progress=False, device="cpu")
+    run_finetune(cfg)
+    import imaging.tiny
+
+    def boom(*a, **k):
+        raise AssertionError("loaded a pipeline before refusing the resume")
+
+    monkeypatch.setattr(imaging.tiny, "tiny_pipeline", boom)
+    with pytest.raises(ValueError, match=r"prompts.*reward|reward.*prompts"):
+        run_finetune(replace(cfg, prompts=("a blue cat",), reward="brightness", steps=2))
+    with pytest.raises(ValueError, match="lora_rank"):
+        run_finetune(replace(cfg, lora_rank=2, steps=2))
+    monkeypatch.undo()
+    assert run_finetune(replace(cfg, steps=2))["steps"] == 2
