@@ -36,9 +36,12 @@ def add_parser(sub) -> None:
     f = sub.add_parser("sd-finetune", help="fine-tune a Stable Diffusion pipeline on an image reward (LoRA)",
                        description="Reward fine-tuning of a local diffusers SD-style pipeline with the engine of "
                                    "theory.engine: DRaFT, DRaFT-K, DRaFT-LV, ReFL, adjoint or DDPO, LoRA on the "
-                                   "UNet's attention, optional KL to the pre-trained model (--lam). Checkpoints "
-                                   "atomically into OUT/checkpoint and resumes from it; writes OUT/lora.safetensors, "
-                                   "OUT/history.json and OUT/summary.json.")
+                                   "UNet's attention (and feed-forward layers), optional KL to the pre-trained "
+                                   "model (--lam). Checkpoints atomically into OUT/checkpoint and resumes from it; "
+                                   "writes OUT/pytorch_lora_weights.safetensors (diffusers format: "
+                                   "pipe.load_lora_weights(OUT) loads it), OUT/history.json and OUT/summary.json. "
+                                   "Under accelerate launch / torchrun with several processes it trains "
+                                   "data-parallel (--batch-size per process).")
     src = f.add_mutually_exclusive_group(required=False)
     src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy); default: "
                                      "the digits pipeline trained here, built into the cache on first use "
