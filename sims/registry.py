@@ -13,6 +13,7 @@ FIGURE_MODULES = [
     "sims.gradguide.figures",
     "sims.ctrl_toy.figures",
     "sims.draft_toy.figures",
+    "sims.claims.figures",
 ]
 
 
