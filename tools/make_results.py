@@ -413,15 +413,59 @@ def r_draft_toy_diversity(d):
 RENDERERS = {name[2:]: fn for name, fn in globals().items() if name.startswith("r_") and callable(fn)}
 
 
+def _scalar(v) -> bool:
+    return not isinstance(v, (dict, list)) or (isinstance(v, list) and len(v) <= 8
+                                               and all(not isinstance(x, (dict, list)) for x in v))
+
+
+def _records(v) -> list | None:
+    """(row name, {column: scalar}) when ``v`` is a table: a dict of >= 2 dicts or a list of >= 2 dicts whose
+    scalar entries share at least one key; else None."""
+    items = list(v.items()) if isinstance(v, dict) else list(enumerate(v)) if isinstance(v, list) else []
+    if len(items) < 2 or not all(isinstance(r, dict) for _, r in items):
+        return None
+    rows = [(k, {c: x for c, x in r.items() if _scalar(x)}) for k, r in items]
+    if not rows[0][1] or not set.intersection(*(set(r) for _, r in rows)):
+        return None
+    return rows
+
+
+def _generic_tables(d, prefix: str, out: list, used: set, max_rows: int = 30, max_cols: int = 10) -> None:
+    if not isinstance(d, dict):
+        return
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if key.startswith(("config", "settings", "verdict")):
+            continue
+        rows = _records(v)
+        if rows is not None:
+            cols = []
+            for _, r in rows:
+                cols += [c for c in r if c not in cols]
+            cols = cols[:max_cols]
+            out += [f"`{key}`:", ""]
+            out += table([""] + cols, [[str(name)] + [r.get(c) for c in cols] for name, r in rows[:max_rows]])
+            if len(rows) > max_rows:
+                out += [f"... and {len(rows) - max_rows} more rows in the JSON.", ""]
+            used.add(key)
+        elif isinstance(v, dict):
+            _generic_tables(v, key, out, used, max_rows, max_cols)
+
+
 def generic(d, limit: int = 40) -> list[str]:
-    items = [(k, v) for k, v in flat(d) if not k.startswith(("config", "settings", "verdict"))]
-    if not items:
-        return ["(no scalar numbers in this figure's data)", ""]
-    more = len(items) - limit
-    lines = table(["quantity", "value"], [[f"`{k}`", v] for k, v in items[:limit]])
-    if more > 0:
-        lines += [f"... and {more} more in the JSON.", ""]
-    return lines
+    """A figure without a renderer: its tables (dicts or lists of records), then its other scalars."""
+    lines: list = []
+    used: set = set()
+    _generic_tables(d, "", lines, used)
+    items = [(k, v) for k, v in flat(d) if not k.startswith(("config", "settings", "verdict"))
+             and not any(k == u or k.startswith(u + ".") for u in used)
+             and not (isinstance(v, str) and v.startswith("/"))]  # a machine's own paths say nothing
+    if items:
+        more = len(items) - limit
+        lines += table(["quantity", "value"], [[f"`{k}`", v] for k, v in items[:limit]])
+        if more > 0:
+            lines += [f"... and {more} more in the JSON.", ""]
+    return lines or ["(no scalar numbers in this figure's data)", ""]
 
 
 # ------------------------------------------------------------------------------------------ page
