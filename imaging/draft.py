@@ -61,7 +61,10 @@ class DraftImageConfig:
     ``batch_size``; every run stops after ``budget`` reward queries (steps = budget // queries per step).
     Methods: ``methods`` (labels of METHOD_LABELS), DRaFT-K's ``k``, DRaFT-LV's ``lv_n``, ReFL's
     ``refl_steps`` (m uniform in [lo, hi] steps before the end), DDPO's ``ddpo_clip`` / ``ddpo_inner``.
-    Rewards: ``rewards`` (of REWARDS), the codec quality ``codec_quality`` of the differentiable JPEG; the
+    Rewards: ``rewards`` (of REWARDS), the codec quality ``codec_quality`` of the differentiable JPEG, trained
+    on times ``reward_scale`` (the reward is ~1e-3, its LoRA gradients ~1e-10 per parameter, below AdamW's
+    eps = 1e-8, where Adam no longer normalises the step: unscaled, lr 1e-3 did not move the samples and
+    lr 3e-2 moved them erratically, then collapsed; times 1e3 with lr 3e-3 it improved steadily); the
     true size at ``jpeg_quality`` after a ``measure_upscale`` nearest upscale. ``seeds``.
     Evaluation: ``n_eval`` samples on fixed noise every ``eval_every`` queries; ``n_show`` images kept.
     LoRA: the adapters of ``lora_method`` (seed ``seeds[0]``) on ``lora_rewards`` (two rewards of the
@@ -70,8 +73,7 @@ class DraftImageConfig:
     penalty 0) and each ``div_eps`` (lam 0); ``div_per_prompt`` samples of each of ``div_prompts`` prompts.
     The method must differentiate a stochastic step: DRaFT-1's only differentiated step (into t = 0) is
     deterministic, carries no KL term, and so gets no gradient from lam. The path KL is summed over the
-    latent dimensions and steps (thousands after a few steps at lr 3e-2), the reward is ~1e-3: hence lam
-    ~1e-7 .. 1e-6.
+    latent dimensions and steps, the trained reward is ~1 (``reward_scale``): hence lam ~1e-3 .. 1e-2.
     """
 
     model: Optional[str] = None
@@ -84,7 +86,7 @@ class DraftImageConfig:
     dtype: str = "float32"
     lora_rank: int = 4
     lora_targets: tuple = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "conv1", "conv2")
-    lr: float = 3e-2
+    lr: float = 3e-3
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     batch_size: int = 4
@@ -97,6 +99,7 @@ class DraftImageConfig:
     ddpo_inner: int = 1
     rewards: tuple = REWARDS
     codec_quality: float = 10.0
+    reward_scale: float = 1000.0
     jpeg_quality: int = 95
     measure_upscale: int = 4
     seeds: tuple = (0,)
@@ -111,8 +114,8 @@ class DraftImageConfig:
     div_method: str = "DRaFT-K"
     div_reward: str = "compress"
     div_budget: int = 128
-    div_lams: tuple = (0.0, 1e-7, 1e-6)
-    div_eps: tuple = (1e-6,)
+    div_lams: tuple = (0.0, 1e-3, 1e-2)
+    div_eps: tuple = (1e-2,)
     div_prompts: int = 10
     div_per_prompt: int = 4
     threads: Optional[int] = None
@@ -157,7 +160,7 @@ class DraftImageConfig:
 
 #: reduced settings of the quick figures
 QUICK = dict(budget=48, seeds=(0,), n_eval=8, eval_every=16, lora_scales=(0.0, 0.5, 1.0, 1.5), mix_weights=(0.0, 1.0),
-             n_lora=4, div_budget=48, div_lams=(0.0, 1e-6), div_eps=(1e-6,), div_prompts=4, div_per_prompt=3,
+             n_lora=4, div_budget=48, div_lams=(0.0, 1e-2), div_eps=(1e-2,), div_prompts=4, div_per_prompt=3,
              sample_steps=6, k=3, refl_steps=(1, 3))
 
 
@@ -255,13 +258,28 @@ def build_context(cfg: DraftImageConfig, pipe=None) -> Context:
                    latent_shape(pipe), prompts, model_dir)
 
 
+class _Scaled:
+    """c * reward(x0, cond): the same maximiser, gradients times c."""
+
+    differentiable = True
+
+    def __init__(self, reward, c: float):
+        self.reward, self.c = reward, float(c)
+        self.__name__ = getattr(reward, "__name__", "reward")
+
+    def __call__(self, x0, cond=None):
+        return self.c * self.reward(x0, cond)
+
+
 def make_reward(ctx: Context, name: str, cfg: DraftImageConfig):
-    """The differentiable JPEG (in)compressibility (docs/theory.md (8.3)) on the latents, through the decoder."""
+    """``cfg.reward_scale`` times the differentiable JPEG (in)compressibility (docs/theory.md (8.3)) on the
+    latents, through the decoder."""
     from .rewards import JpegRoundTrip, LatentReward
 
     if name not in REWARDS:
         raise ValueError(f"reward: unknown {name!r}; choose from {list(REWARDS)}")
-    return LatentReward(ctx.pipe, JpegRoundTrip(cfg.codec_quality, incompressible=name == "incompress"))
+    return _Scaled(LatentReward(ctx.pipe, JpegRoundTrip(cfg.codec_quality, incompressible=name == "incompress")),
+                   cfg.reward_scale)
 
 
 def _steered(ctx: Context, cfg: DraftImageConfig):

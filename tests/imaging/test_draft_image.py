@@ -20,7 +20,7 @@ CONFIG = Path(draft.__file__).with_name("configs") / "draft_sd15.json"
 
 def _tiny_cfg(**kw):
     base = dict(prompts=("a photo of a cat",), guidance_scale=2.0, sample_steps=3, batch_size=2, budget=4, k=2,
-                refl_steps=(1, 2), lr=1e-2, seeds=(0,), n_eval=2, eval_every=2, n_show=1,
+                refl_steps=(1, 2), lr=1e-3, seeds=(0,), n_eval=2, eval_every=2, n_show=1,
                 lora_targets=("to_q", "to_k", "to_v", "to_out.0"), lora_scales=(0.0, 1.0), mix_weights=(0.0, 1.0),
                 n_lora=2, div_budget=2, div_method="DRaFT-K", div_lams=(0.0, 1e-3), div_eps=(1e-3,), div_prompts=1, div_per_prompt=2)
     base.update(kw)
