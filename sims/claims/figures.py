@@ -3,12 +3,12 @@ hold", "holds only when ...") with its numbers. Drawing reads the JSON only (``d
 from __future__ import annotations
 
 import math
-
-from theory.progress import report
-from theory.registry import figure
+import textwrap
 
 from sims.gradguide.config import SphereConfig, quick_sphere
 from sims.gradguide.experiments import run_sphere
+from theory.progress import report
+from theory.registry import figure
 
 from . import dimension as dim
 from .sphere_exact import compare, run_exact, verdict
@@ -43,7 +43,9 @@ def draw_sphere(data: dict):
     ax.legend(fontsize=7, loc="best")
     c = data["config"]
     ax.set_title(f"sphere D = {c['D']}, B = {c['n']}, K = {c['rounds']}, deltas {c['deltas']}"
-                 + (" [quick]" if data["quick"] else "") + f"\nexact score: {data['verdict']}", fontsize=8)
+                 + (" [quick]" if data["quick"] else "") + "\n"
+                 + textwrap.fill(f"exact score: {data['exact']['verdict']} ({data['exact']['numbers']})", 110),
+                 fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -103,7 +105,7 @@ def draw_dimension(data: dict):
     ax.set_xlabel("dimension D")
     ax.set_ylabel(f"reward queries to reach {data['config']['frac']:g} of the way to the optimum")
     ax.legend(fontsize=8)
-    ax.set_title(("[quick] " if data["quick"] else "") + data["verdict"][:120], fontsize=7)
+    ax.set_title(textwrap.fill(("[quick] " if data["quick"] else "") + data["verdict"], 100), fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -125,7 +127,9 @@ def fig_dimension(quick: bool = False) -> dict:
         ddpo_dims = [D for D, w in wins.items() if not w]
         v = f"holds only when D in {{{', '.join(ddpo_dims)}}} ({words})"
     cross = [f"{a}->{b}" for a, b in zip(cfg.dims, cfg.dims[1:]) if wins[str(a)] != wins[str(b)]]
+    others = {f"{f:g}": dim.summarise(cfg, res, f)["ddpo_over_best_gradient"] for f in (0.25, 0.75)}
     return {"config": cfg, "quick": quick, **s, "runs": res["runs"], "wall_s": res["wall_s"],
+            "ddpo_over_best_gradient_at_other_fractions": others,
             "claim": "gradient methods (DRaFT-1, DRaFT-LV) do not beat 4-epoch DDPO per reward query",
             "regime": (f"N(0, I_D) pre-trained with its exact eps + zero-initialised correction MLP "
                        f"(hidden {cfg.hidden}, depth {cfg.depth}) under LoRA rank {cfg.rank}; reward "

@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sims.claims import dimension as dim
-from sims.claims.sphere_exact import (UniformSphereEps, bessel_ratio, compare, log_density_quadrature, run_exact,
-                                      verdict)
+from sims.claims.sphere_exact import UniformSphereEps, bessel_ratio, compare, log_density_quadrature, run_exact, verdict
 from sims.gradguide.config import Setup, SphereConfig
 from sims.gradguide.data import schedule_of
 from theory.registry import to_jsonable
