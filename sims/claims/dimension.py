@@ -137,10 +137,14 @@ def train_one(cfg: DimConfig, D: int, method: str, lr: float, seed: int) -> dict
             t_eval[0] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    finetune(model, sch, reward, strategy, fc, ts=ts, callback=cb)
+    diverged = None
+    try:
+        finetune(model, sch, reward, strategy, fc, ts=ts, callback=cb)
+    except FloatingPointError as e:  # a learning rate too large for this method and D: the run stops there
+        diverged = str(e).split(";")[0]
     wall = time.perf_counter() - t0 - t_eval[0]
     return {"queries": [q for q, _ in curve], "reward": [r for _, r in curve], "wall_s": wall,
-            "queries_per_step": qps}
+            "queries_per_step": qps, "diverged": diverged}
 
 
 def queries_to_reach(curve: dict, target: float):
