@@ -106,8 +106,8 @@ def test_exact_sphere_run_and_verdict():
 def test_std_normal_eps_is_exact_and_dimension_run(tmp_path):
     """The pre-trained model of the dimension sweep is the exact eps sigma x of N(0, I); one small run of
     each method trains and reports finite rewards; the summary names every method and D."""
-    cfg = replace(dim.quick(), dims=(2, 4), seeds=(0,), lrs=(3e-3,), budget=128, eval_every=64, n_eval=64,
-                  n_steps=5)
+    cfg = replace(dim.quick(), dims=(2, 4), seeds=(0,), lrs=(3e-3,), budget=64, eval_every=32, n_eval=32,
+                  n_steps=3, batch_size=16, hidden=16)
     model, sch = dim._model(cfg, 4, 0)
     x = torch.randn(3, 4)
     assert torch.allclose(model(x, torch.full((3,), 0.3)), sch.sigma(torch.tensor(0.3)).float() * x, atol=1e-7)
