@@ -286,11 +286,6 @@ class Solver:
     def is_stochastic(self, eta: float = 0.0) -> bool:
         return bool(self.stochastic(eta))
 
-    def __getitem__(self, i):
-        # the former tuple layout (step, stochastic or None = "iff eta > 0", order), kept while callers move
-        # to the attributes
-        return (self.step, None if self.name == "ddim" else self.is_stochastic(), self.order)[i]
-
 
 SOLVERS = {
     "ddim": Solver("ddim", ddim_step, lambda eta: eta > 0, 1.0, ddim_coefs),
