@@ -132,7 +132,7 @@ run those to see them on your machine:
 - memory kept for the backward pass and time per gradient of each DRaFT estimator:
   `python benchmarks/bench_memory.py`;
 - pass times of unguided sampling, G and G_loss: `python benchmarks/bench_guidance.py`;
-- the DRaFT step against no-grad sampling passes: `python benchmarks/bench_draft_step.py` where present.
+- the DRaFT step against no-grad sampling passes: `python benchmarks/bench_draft_step.py`.
 """
 
 
@@ -428,6 +428,26 @@ def r_draft_toy_diversity(d):
     lines += ["Objective r - lam KL of the exact optimum = lam log Z: " + "; ".join(
         f"lam = {fmt(o['lam'])}: {fmt(o['objective'])}" for o in
         {o["lam"]: o for o in d.get("optimum", {}).values()}.values()) + ".", ""]
+    return lines
+
+
+def r_draft_image_compare(d):
+    lines = table(["method", "optimisation steps", "reward queries per step", "queries"],
+                  [[m, v.get("steps"), v.get("queries_per_step"), v.get("queries")] for m, v in d["budget_steps"].items()])
+    for task, c in d["claims"].items():
+        lines += [f"Trained on `{task}` (the differentiable JPEG reward; the true JPEG size in kB is never "
+                  "trained on), start -> final mean over seeds:", ""]
+        lines += table(["method", "differentiable reward", "true JPEG size in kB, signed as the task (- for compress)"],
+                       [[m, f"{fmt(f['diff']['start'])} -> {fmt(f['diff']['final'])}",
+                         f"{fmt(f['true_size']['start'])} -> {fmt(f['true_size']['final'])}"]
+                        for m, f in c["finals"].items()])
+        rows = [["DRaFT-LV vs ReFL", k, v.get("gain_ratio")] for k, v in c.get("lv_vs_refl", {}).items()
+                if k.endswith("queries")]
+        rows += [[f"{m} vs DDPO", k, v.get("gain_ratio")] for m, g in c.get("gradient_vs_ddpo", {}).items()
+                 for k, v in g.items() if k.endswith("queries")]
+        if rows:
+            lines += ["Ratio of the gains at the end of the equal query budget (first-named over second):", ""]
+            lines += table(["comparison", "measure", "gain ratio"], rows)
     return lines
 
 
