@@ -115,6 +115,9 @@ NOTES = {
     "gg_image_alg2": (
         "Algorithm 2 (score fine-tuning each round) with fresh noise per round, so its G - G_loss differences "
         "are not paired and their standard errors are larger."),
+    "draft_image_compare": (
+        "Every method gets the same budget of reward queries; DRaFT-LV spends n queries per sample, so it "
+        "takes fewer optimisation steps. The true JPEG size is measured on the samples but never trained on."),
     "digits_ctrl": (
         "The judge is a classifier neither model saw. CTRL's paper form adds the label embedding to the eps "
         "output, where it cannot depend on x or t; added to the time features instead it passes through "
