@@ -382,10 +382,19 @@ class Transitions(NamedTuple):
     stds: torch.Tensor
 
     def log_prob(self, xs) -> torch.Tensor:
-        """log N(xs[i + 1]; means[i], stds[i]^2 I) per step and sample, (n_steps, B) (policy gradients)."""
+        """log N(xs[i + 1]; means[i], stds[i]^2 I) per step and sample, (n_steps, B) (policy gradients).
+        A deterministic step (std = 0: DDIM/DDPM's last step into t = 0 when alpha_bar there is 1) is no
+        action of the policy: it has no density and contributes 0, as it carries no KL in :func:`step_kl`;
+        the PPO ratio is then taken over the stochastic steps (DDPO, Black et al. 2024, sec. 4.2)."""
         nxt = _stack(xs)[1:]
-        n = nxt.shape[0]
-        return gaussian_log_prob(nxt.flatten(0, 1), self.means.flatten(0, 1), self.stds.flatten(0, 1)).view(n, -1)
+        std = torch.broadcast_to(self.stds, self.means.shape)
+        stoch = std > 0
+        if bool(stoch.all()):
+            n = nxt.shape[0]
+            return gaussian_log_prob(nxt.flatten(0, 1), self.means.flatten(0, 1), std.flatten(0, 1)).view(n, -1)
+        safe = torch.where(stoch, std, torch.ones_like(std))
+        lp = -0.5 * ((nxt - self.means) / safe) ** 2 - torch.log(safe) - 0.5 * math.log(2 * math.pi)
+        return torch.where(stoch, lp, torch.zeros_like(lp)).flatten(2).sum(2)
 
     def kl_to(self, ref: "Transitions") -> torch.Tensor:
         """Discretised path KL (B,) to the reference's transitions from the same states (:func:`step_kl`)."""

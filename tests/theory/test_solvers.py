@@ -299,3 +299,23 @@ def test_em_heun_and_torchsde_share_one_drift():
     torch.testing.assert_close(reverse_drift(x, eps, at_t) - pf, 0.5 * at_t.beta[:, None] * (-eps / at_t.sigma[:, None]))
     at_0 = schedule_at(sch, ts[2].expand(3))
     assert torch.equal(heun_step(x, fn, at_s, at_0)[0], x + 0.5 * reverse_drift(x, m(x, at_s.t), at_s, ode=True))
+
+
+def test_log_prob_of_a_deterministic_last_step_is_zero_not_nan():
+    """A chain whose last step is deterministic (std = 0) has a finite log-probability: the stochastic
+    steps' Gaussian log-densities (computed here by hand from their definition), plus 0 for the last step."""
+    import math
+
+    from theory.solvers import Transitions
+
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, 3, 2, generator=g, dtype=torch.float64)          # 3 steps, batch 3, dim 2
+    means = torch.randn(3, 3, 2, generator=g, dtype=torch.float64)
+    stds = torch.tensor([0.5, 0.2, 0.0], dtype=torch.float64)[:, None, None].expand(3, 3, 2)
+    lp = Transitions(means, stds).log_prob(xs)
+    assert torch.isfinite(lp).all()
+    by_hand = torch.zeros(3, 3, dtype=torch.float64)
+    for i in range(2):
+        s = float(stds[i, 0, 0])
+        by_hand[i] = (-0.5 * ((xs[i + 1] - means[i]) / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    torch.testing.assert_close(lp, by_hand, rtol=1e-12, atol=1e-12)
