@@ -46,13 +46,19 @@ __all__ = ["bessel_ratio", "UniformSphereEps", "log_density_quadrature", "theta_
 
 def _ratio_np(D: int, kappa: np.ndarray) -> np.ndarray:
     """A_D(kappa) = I_{D/2}(kappa) / I_{D/2-1}(kappa) (S.2) in float64. The exponentially scaled ``ive``
-    has the same ratio and does not overflow; where the denominator underflows (kappa << 1 for large D)
-    the series A_D = kappa / D + O(kappa^3) is used."""
+    has the same ratio and does not overflow; where the denominator underflows (kappa << D) Gauss's
+    continued fraction A_D = kappa / (D + kappa^2 / (D + 2 + kappa^2 / (D + 4 + ...))) is used (it converges
+    fastest exactly there; 40 levels are exact to round-off for kappa^2 < D)."""
     nu = D / 2 - 1
     num, den = special.ive(nu + 1, kappa), special.ive(nu, kappa)
-    small = ~(den > 1e-280)
+    small = ~(den > 1e-250)
+    k2 = kappa * kappa
+    tail = np.full_like(kappa, D + 80.0)
+    for j in range(39, -1, -1):
+        tail = D + 2.0 * j + k2 / tail
+    cf = kappa / tail
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(small, kappa / D, num / np.where(small, 1.0, den))
+        out = np.where(small, cf, num / np.where(small, 1.0, den))
     return out
 
 
