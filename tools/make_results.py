@@ -488,7 +488,10 @@ def _generic_tables(d, prefix: str, out: list, used: set, max_rows: int = 30, ma
                 cols += [c for c in r if c not in cols]
             cols = cols[:max_cols]
             out += [f"`{key}`:", ""]
-            out += table([""] + cols, [[str(name)] + [r.get(c) for c in cols] for name, r in rows[:max_rows]])
+            def short(v):  # long messages (e.g. why a run diverged) stay in the JSON
+                return v if not isinstance(v, str) or len(v) <= 60 else v[:57] + "..."
+
+            out += table([""] + cols, [[str(name)] + [short(r.get(c)) for c in cols] for name, r in rows[:max_rows]])
             if len(rows) > max_rows:
                 out += [f"... and {len(rows) - max_rows} more rows in the JSON.", ""]
             used.add(key)
