@@ -3,8 +3,6 @@
 Schedules, parameterisation conversions, exact models, the one solver, value functions, guidance
 fields and the fine-tuning engine. Torch only; imports neither ``sims`` nor ``imaging``.
 """
-from .schedules import ConstantBeta, CosineVP, DiscreteVP, LinearVP, NoiseSchedule, append_dims, as_time
-from .param import eps_to_score, eps_to_x0, model_score, model_x0_hat, score_to_eps, x0_to_eps
 from .exact import (
     GaussianMixture,
     LinearReward,
@@ -14,4 +12,6 @@ from .exact import (
     random_orthonormal,
     subspace_gaussian,
 )
+from .param import eps_to_score, eps_to_x0, model_score, model_x0_hat, score_to_eps, x0_to_eps
+from .schedules import ConstantBeta, CosineVP, DiscreteVP, LinearVP, NoiseSchedule, append_dims, as_time
 from .solvers import SOLVERS, Trajectory, check_grid, gaussian_log_prob, sample, time_grid, transition

@@ -2,7 +2,7 @@
 reduced settings of ``diffsteer figures --quick`` (< 5 min for all five figures on 2 cores)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from theory.classifiers import FitConfig
 from theory.nets import DSMConfig

@@ -19,8 +19,13 @@ from functools import lru_cache
 
 import torch
 
-from theory.classifiers import (ClassifierMLP, FitConfig, NoisyClassifierMLP, expected_calibration_error, fit_mle,
-                                fit_temperature)
+from theory.classifiers import (
+    ClassifierMLP,
+    NoisyClassifierMLP,
+    expected_calibration_error,
+    fit_mle,
+    fit_temperature,
+)
 from theory.guidance import CFGEps, classifier_guidance, dps_guidance, sum_fields
 
 from . import data

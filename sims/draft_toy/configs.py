@@ -2,7 +2,7 @@
 reduced settings of ``diffsteer figures --quick``."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from theory.nets import DSMConfig
 

@@ -7,7 +7,6 @@ Brownian increments drawn from ``seed``, so two models evaluated with the same s
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import torch
 

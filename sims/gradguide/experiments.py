@@ -11,7 +11,7 @@ import torch
 from theory.gradient_guidance import FineTune, default_grid, optimize, r_off
 from theory.solvers import sample
 
-from .config import RunConfig, SphereConfig, Setup
+from .config import RunConfig, Setup, SphereConfig
 from .data import basis, objective, pretrained, schedule_of, trained_model
 from .objectives import Linear
 
@@ -106,6 +106,7 @@ def pass_times(setup: Setup, model_kind: str = "trained", n: int = 32, n_steps: 
     """Wall time of one sampling pass: unguided, G-guided, G_loss-guided (same batch, same grid, best of
     ``repeats``), and the ratios G_loss / unguided, G_loss / G (the paper: one extra VJP per step)."""
     from theory.gradient_guidance import make_guidance
+
     from .config import NetConfig
 
     sch = schedule_of(setup)

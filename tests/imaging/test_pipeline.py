@@ -5,8 +5,15 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from imaging.pipeline import (LatentEps, decode_latents, encode_prompts, latent_shape, load_pipeline,
-                              schedule_of, scheduler_grid)
+from imaging.pipeline import (
+    LatentEps,
+    decode_latents,
+    encode_prompts,
+    latent_shape,
+    load_pipeline,
+    schedule_of,
+    scheduler_grid,
+)
 from imaging.tiny import tiny_pipeline
 from theory.solvers import sample
 

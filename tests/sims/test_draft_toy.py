@@ -12,14 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from theory.nets import DSMConfig
-from theory.solvers import sample
-
 from sims.draft_toy import model as toy
 from sims.draft_toy.configs import METHODS, Method, PretrainConfig, RewardConfig, TrainConfig
 from sims.draft_toy.experiments import LoraWindow, MergedLora, lora_deltas, steered, train_method, with_adapters
 from sims.draft_toy.metrics import evaluate, fixed_noise, mode_counts, spread
 from sims.draft_toy.rewards import QuadraticBowl, Threshold, make_reward
+from theory.nets import DSMConfig
+from theory.solvers import sample
 
 # A small, quickly trained pre-trained model (cached after the first run) and a 20-step sampler.
 SMALL = PretrainConfig(hidden=64, depth=2, n_steps=20, dsm=DSMConfig(steps=1500, batch_size=256, lr=3e-3, seed=0))

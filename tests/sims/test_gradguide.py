@@ -8,8 +8,7 @@ import torch
 from sims.gradguide import data as gdata
 from sims.gradguide.config import NetConfig, RunConfig, Setup, SphereConfig
 from sims.gradguide.experiments import converge_round, pass_times, run, run_sphere
-from sims.gradguide.objectives import (Distance, Linear, Quadratic, b_ones, b_random, theta_in_span,
-                                       theta_off_span)
+from sims.gradguide.objectives import Distance, Linear, Quadratic, b_ones, b_random, theta_in_span, theta_off_span
 from theory.gradient_guidance import optimize
 from theory.nets import cache_dir
 
@@ -136,9 +135,8 @@ def test_converge_round_and_pass_times():
 
 
 def test_six_figures_registered():
-    from sims.registry import FIGURES
-
     import sims.gradguide.figures  # noqa: F401
+    from sims.registry import FIGURES
 
     names = {"gg_roff", "gg_objective", "gg_convergence", "gg_sphere", "gg_distributions", "gg_runtime"}
     assert names <= set(FIGURES)

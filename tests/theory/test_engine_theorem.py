@@ -35,7 +35,6 @@ relative drift error (a 100-fold reduction) and 1e-3 on the end-law mean/covaria
 the test docstrings (seed 0). What is left after training is the SGD noise of the A_i gradients (the
 c_i gradients are exact for affine chains), damped by the cosine learning-rate decay.
 """
-import math
 
 import pytest
 import torch
@@ -269,7 +268,6 @@ def _continuous_shift(rw, lam, t):
     Cc = C_m - rho * K @ C_m
 
     def shift(x):
-        mean = mu_m + K @ (x - rho * mu_m)
         return -SCH.sigma(t) * torch.autograd.functional.jacobian(
             lambda z: rw.log_mgf((mu_m + K @ (z - rho * mu_m))[None], Cc, lam)[0], x, create_graph=True)
 

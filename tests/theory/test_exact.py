@@ -1,5 +1,4 @@
 """Exact models (docs/theory.md §5), the exact scores and the closed-form tilts."""
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
