@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run_ctrl_cmd)
 
 
-def _overrides(items) -> dict:
+def parse_overrides(items) -> dict:
     import json
 
     out = {}
@@ -75,7 +75,7 @@ def run_ctrl_cmd(args) -> int:
     from .ctrl import CONFIG_DIR, load_config, run
 
     path = args.config or str(CONFIG_DIR / "ctrl_digits.json")
-    over = _overrides(args.set)
+    over = parse_overrides(args.set)
     if args.model is not None:
         over["model"] = args.model
     if args.planner is not None:

@@ -94,9 +94,9 @@ def _strengths(text: str) -> list:
 
 def overrides_of(args) -> dict:
     """The config keys the command line sets (None = not given)."""
-    from .cli_ctrl import _overrides
+    from .cli_ctrl import parse_overrides
 
-    over = _overrides(args.set)
+    over = parse_overrides(args.set)
     simple = {"model": args.model, "reward": args.reward, "sigma_y": args.sigma_y, "rounds": args.rounds, "n": args.n,
               "algorithm": args.algorithm, "noise": args.noise, "ft_lr": args.ft_lr, "ft_start": args.ft_start, "prompt": args.prompt,
               "guidance_scale": args.guidance_scale, "steps": args.steps, "method": args.sampler,
