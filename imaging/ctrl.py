@@ -35,7 +35,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -44,6 +44,8 @@ import torch
 from torch import nn
 
 from theory.classifiers import ClassifierMLP, FitConfig, expected_calibration_error, fit_mle, fit_temperature
+
+from .configfile import load_dataclass
 
 __all__ = [
     "CtrlConfig", "load_config", "jpeg_kb", "ink_mass", "classes_from_thresholds", "quantile_thresholds",
@@ -176,17 +178,7 @@ class CtrlConfig:
 def load_config(path, **overrides) -> CtrlConfig:
     """A CtrlConfig from a JSON file (keys starting with '_' are comments), then ``overrides``. Unknown
     keys are an error that names them."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"config: no file at '{p}' (see imaging/configs/ for examples)")
-    raw = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
-    raw.update(overrides)
-    names = {f.name for f in fields(CtrlConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown} in '{p}'; valid keys: {sorted(names)}")
-    raw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
-    return CtrlConfig(**raw)
+    return load_dataclass(CtrlConfig, path, overrides)
 
 
 # ============================================================================ the true measures

@@ -27,12 +27,14 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .configfile import load_dataclass
 
 __all__ = ["DraftImageConfig", "METHOD_LABELS", "REWARDS", "QUICK", "load_config", "strategy_for", "budget_steps",
            "build_context", "make_reward", "train_run", "evaluate", "compare", "claims",
@@ -167,18 +169,7 @@ QUICK = dict(budget=48, seeds=(0,), n_eval=8, eval_every=16, lora_scales=(0.0, 0
 def load_config(path=None, **overrides) -> DraftImageConfig:
     """A DraftImageConfig from a JSON file (keys starting with '_' are comments; unknown keys are an error
     naming them), then ``overrides``."""
-    raw = {}
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"config: no file at '{p}'")
-        raw = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
-    raw.update(overrides)
-    names = {f.name for f in fields(DraftImageConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return DraftImageConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+    return load_dataclass(DraftImageConfig, path, overrides)
 
 
 # ============================================================================ building blocks

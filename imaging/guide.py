@@ -33,13 +33,15 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from .configfile import load_dataclass
 
 __all__ = ["GuideConfig", "load_config", "FlatEps", "DigitLogProb", "build_context", "reference",
            "off_subspace_fraction", "standardised_objective", "time_rounds", "retime", "algorithm1_fixed_noise", "run",
@@ -164,18 +166,7 @@ class GuideConfig:
 def load_config(path=None, **overrides) -> GuideConfig:
     """A GuideConfig from a JSON file (keys starting with '_' are comments; None = the defaults), then
     ``overrides``. Unknown keys are an error that names them."""
-    raw = {}
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"config: no file at '{p}' (see imaging/configs/guide_sd15.json)")
-        raw = {k: v for k, v in json.loads(p.read_text()).items() if not k.startswith("_")}
-    raw.update(overrides)
-    names = {f.name for f in fields(GuideConfig)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return GuideConfig(**raw)
+    return load_dataclass(GuideConfig, path, overrides, example="imaging/configs/guide_sd15.json")
 
 
 # ============================================================================ the pipeline as a flat eps model
