@@ -21,9 +21,7 @@ parallel and only the main process writes.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -224,23 +222,11 @@ def validate(cfg: SDFinetuneConfig):
 
 
 def check_out_dir(out: Union[str, Path], option: str = "--out") -> Path:
-    """Create ``out`` (and parents) if needed and prove it writable by writing and removing a file, before
-    any work; a file in the way or a folder without write permission is an error naming ``option``."""
-    p = Path(out).expanduser()
-    if p.exists() and not p.is_dir():
-        raise NotADirectoryError(f"{option}: '{p}' is a file, not a folder; pass a folder path")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=p, prefix=".write-test-")
-        os.close(fd)
-        os.remove(probe)
-    except NotADirectoryError:
-        raise NotADirectoryError(f"{option}: a part of '{p}' is a file, not a folder; pass a folder path") from None
-    except PermissionError:
-        raise PermissionError(f"{option}: '{p}' is not writable; pass a folder you can write to") from None
-    except OSError as e:
-        raise PermissionError(f"{option}: cannot write into '{p}' ({e.strerror}); pass a writable folder") from None
-    return p
+    """Create ``out`` (and parents) if needed and prove it writable, before any work; a file in the way or a
+    folder without write permission is a ValueError naming ``option`` (``theory.io.check_writable``)."""
+    from theory.io import check_writable
+
+    return check_writable(out, option)
 
 
 def build(cfg: SDFinetuneConfig, device: Optional[str] = None):

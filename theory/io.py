@@ -108,7 +108,7 @@ def atomic_save_tensors(tensors: dict, path: PathLike, metadata: Optional[dict] 
 def check_writable(folder: PathLike, name: str = "out") -> Path:
     """Create ``folder`` if needed and check that a file can be written there, before any work; a
     ValueError naming the argument ``name`` otherwise. Returns the folder."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{name}: {folder} is a file; give a folder")
     try:
@@ -116,6 +116,8 @@ def check_writable(folder: PathLike, name: str = "out") -> Path:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".diffsteer-write-test-")
         os.close(fd)
         os.remove(probe)
+    except NotADirectoryError:
+        raise ValueError(f"{name}: a part of {folder} is a file, not a folder; give a folder path") from None
     except OSError as e:
         raise ValueError(f"{name}: cannot write into {folder} ({e.strerror or e}); give a writable folder") from None
     return folder
