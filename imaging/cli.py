@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 
+def add_model_arguments(p, from_config: bool = False) -> None:
+    """The model choice every image command shares: ``--model DIR`` or ``--tiny`` (one of them at most)."""
+    src = p.add_mutually_exclusive_group(required=False)
+    default = "the config's 'model', else " if from_config else ""
+    src.add_argument("--model", default=None, metavar="DIR",
+                     help="local folder of a diffusers SD-style pipeline (e.g. your SD v1.5 copy); default: "
+                          f"{default}the digits pipeline trained here, built into the cache on first use "
+                          "(prompts such as 'a handwritten digit 7')")
+    src.add_argument("--tiny", action="store_true",
+                     help="a tiny random pipeline built in-process instead of --model (smoke test of the code path)")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("sd-sample", help="sample a Stable Diffusion pipeline through the theory solver",
                        description="Sample a local diffusers SD-style pipeline with theory.solvers.sample "
                                    "(DDIM(eta) on the scheduler's own grid, classifier-free guidance). "
                                    "Writes PNGs and the latents' stats into OUT.")
-    src = p.add_mutually_exclusive_group(required=False)
-    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy); default: "
-                                     "the digits pipeline trained here, built into the cache on first use "
-                                     "(prompts such as 'a handwritten digit 7')")
-    src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
+    add_model_arguments(p)
     p.add_argument("--prompt", nargs="+", default=["a photo of a cat"], help="one or more prompts")
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
@@ -42,11 +50,7 @@ def add_parser(sub) -> None:
                                    "pipe.load_lora_weights(OUT) loads it), OUT/history.json and OUT/summary.json. "
                                    "Under accelerate launch / torchrun with several processes it trains "
                                    "data-parallel (--batch-size per process).")
-    src = f.add_mutually_exclusive_group(required=False)
-    src.add_argument("--model", help="local folder of a diffusers pipeline (e.g. your SD v1.5 copy); default: "
-                                     "the digits pipeline trained here, built into the cache on first use "
-                                     "(prompts such as 'a handwritten digit 7')")
-    src.add_argument("--tiny", action="store_true", help="a tiny random pipeline built in-process (smoke test)")
+    add_model_arguments(f)
     f.add_argument("--config", default=None, metavar="FILE",
                    help="a JSON file of settings, keys = the fields of imaging.finetune.SDFinetuneConfig (e.g. "
                         "imaging/configs/draft_sd15.json, DRaFT's SD setting; keys starting with '_' are comments); "

@@ -30,13 +30,11 @@ v1.5 setting; needs --model with your local copy and a GPU)."""
 def add_parser(sub) -> None:
     import argparse
 
+    from .cli import add_model_arguments
+
     p = sub.add_parser("ctrl", help="CTRL on an image pipeline: offline labels, classifier, fine-tuning, evaluation",
                        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="local folder of a diffusers SD-style pipeline (default: the config's 'model', else the "
-                        "digits pipeline trained here, built and cached on first use)")
-    p.add_argument("--tiny", action="store_true",
-                   help="a tiny random pipeline built in-process instead of --model (smoke test of the code path)")
+    add_model_arguments(p, from_config=True)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON config (keys of imaging.ctrl.CtrlConfig; '_'-keys are comments); default "
                         "imaging/configs/ctrl_digits.json")
