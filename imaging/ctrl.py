@@ -414,7 +414,7 @@ def resolve_model(model: Optional[str], progress: bool = True) -> str:
 
 def build_context(cfg: CtrlConfig, pipe=None) -> Context:
     """Load the pipeline (or take ``pipe``), freeze it, encode the prompts, wrap the UNet as an eps model."""
-    from .pipeline import LatentEps, encode_prompts, latent_shape, load_pipeline, schedule_of, scheduler_grid
+    from .pipeline import LatentEps, encode_prompts, freeze, latent_shape, load_pipeline, schedule_of, scheduler_grid
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype)
@@ -422,10 +422,7 @@ def build_context(cfg: CtrlConfig, pipe=None) -> Context:
     if pipe is None:
         model_dir = resolve_model(cfg.model)
         pipe = load_pipeline(model_dir, dtype=dtype, device=device)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
+    freeze(pipe)
     cond, unc = encode_prompts(pipe, list(cfg.prompts), device=device)
     sch = schedule_of(pipe)
     base = LatentEps(pipe.unet, sch, cond, unc, cfg.guidance_scale)

@@ -231,16 +231,13 @@ def ddpo_grid(pipe, n_steps: int) -> torch.Tensor:
 def build_context(cfg: DraftImageConfig, pipe=None) -> Context:
     """Load (or take) the pipeline, freeze it, encode the prompts, wrap the UNet with CFG as an eps model."""
     from .digits_pipeline import PROMPTS, ensure_digits_pipeline
-    from .pipeline import LatentEps, encode_prompts, latent_shape, load_pipeline, schedule_of, scheduler_grid
+    from .pipeline import LatentEps, encode_prompts, freeze, latent_shape, load_pipeline, schedule_of, scheduler_grid
 
     model_dir = None
     if pipe is None:
         model_dir = cfg.model or str(ensure_digits_pipeline(progress=True))
         pipe = load_pipeline(model_dir, dtype=getattr(torch, cfg.dtype), device="cpu")
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
+    freeze(pipe)
     prompts = tuple(cfg.prompts) if cfg.prompts else tuple(PROMPTS)
     cond, unc = encode_prompts(pipe, list(prompts), device="cpu")
     sch = schedule_of(pipe)

@@ -258,6 +258,7 @@ def build_context(cfg: GuideConfig, pipe=None) -> Context:
     from .pipeline import (
         LatentEps,
         encode_prompts,
+        freeze,
         latent_shape,
         load_pipeline,
         resolve_device,
@@ -272,10 +273,7 @@ def build_context(cfg: GuideConfig, pipe=None) -> Context:
     if pipe is None:
         model_dir = resolve_model(cfg.model)
         pipe = load_pipeline(model_dir, dtype=dtype, device=device)
-    pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False)
-        m.eval()
+    freeze(pipe)
     cond, unc = encode_prompts(pipe, [cfg.prompt], device=device)
     sch = schedule_of(pipe)
     base = LatentEps(pipe.unet, sch, cond, unc, cfg.guidance_scale)

@@ -101,6 +101,16 @@ def load_pipeline(model_path: Union[str, Path], dtype: torch.dtype = torch.float
     return pipe.to(device)
 
 
+def freeze(pipe):
+    """The pre-trained pipeline as every steering method uses it: UNet, VAE and text encoder in eval mode
+    without gradients (LoRA and label embeddings are added on top), no progress bar. Returns ``pipe``."""
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    return pipe
+
+
 def schedule_of(pipe) -> DiscreteVP:
     """The pipeline scheduler's alphas_cumprod as a continuous-time VP schedule."""
     return DiscreteVP.from_scheduler(pipe.scheduler)
