@@ -159,3 +159,27 @@ def test_cache_folder_is_the_sessions_temporary_one(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DIFFSTEER_CACHE")
     assert cache_dir().name == "diffsteer"  # the platform's user cache folder
+
+
+def test_verdicts_are_checked_written_and_follow_replot(tmp_path, fake):
+    wording = ["holds"]
+
+    def verdicts(data):
+        assert data["y"][1] == "nan"  # the data as stored in the JSON
+        return [{"claim": "y rises", "verdict": f"{wording[0]} (y[2] - y[0] = {data['y'][2] - data['y'][0]})",
+                 "numbers": "3.0", "regime": "fake", "budget": "none"}]
+
+    registry.figure("zz_test_fake", "a stand-in figure", draw=_draw, verdicts=verdicts)(_compute)
+    registry.run_figures([fake], tmp_path, quick=True, progress=False, log=_quiet)
+    rec = json.loads((tmp_path / f"{fake}.json").read_text())
+    assert rec["settings"] == "default" and rec["verdicts"][0]["verdict"] == "holds (y[2] - y[0] = 3.0)"
+    assert registry.verdict_word(rec["verdicts"][0]["verdict"]) == "holds"
+    wording[0] = "does not hold"  # a changed verdict function: replot rewrites the verdicts, not the data
+    registry.replot_figures([fake], tmp_path, log=_quiet)
+    rec2 = json.loads((tmp_path / f"{fake}.json").read_text())
+    assert rec2["verdicts"][0]["verdict"].startswith("does not hold") and rec2["data"] == rec["data"]
+    assert registry.verdict_word("holds only when D <= 8") == "holds only when"
+    for bad in ([{"claim": "c", "verdict": "maybe", "numbers": "", "regime": "", "budget": ""}],
+                [{"claim": "c", "verdict": "holds"}], {"claim": "c"}):
+        with pytest.raises(ValueError, match="verdict"):
+            registry.check_verdicts("x", bad)

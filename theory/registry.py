@@ -42,7 +42,8 @@ from typing import Callable, Iterable, Optional, Sequence
 from .io import atomic_write_bytes, atomic_write_json, check_writable
 
 __all__ = ["FigureSpec", "FIGURES", "figure", "load", "ordered_names", "to_jsonable", "code_hash", "is_current",
-           "recorded_wall_time", "check_writable", "run_figures", "replot_figures", "FIRST_PARTY"]
+           "recorded_wall_time", "check_writable", "run_figures", "replot_figures", "FIRST_PARTY", "check_verdicts",
+           "verdict_word", "VERDICT_KEYS", "VERDICT_WORDS"]
 
 #: top-level packages whose source counts towards a figure's code version.
 FIRST_PARTY = ("theory", "sims", "imaging")
@@ -55,20 +56,55 @@ class FigureSpec:
     description: str
     module: str
     draw: Optional[Callable] = None  # draw(json data) -> Figure; None: fn draws while computing
+    verdicts: Optional[Callable] = None  # verdicts(json data) -> list of verdict dicts (see check_verdicts)
 
 
 FIGURES: dict[str, FigureSpec] = {}
 
 
-def figure(name: str, description: str, draw: Optional[Callable] = None):
-    """Decorator registering a figure under ``name`` (see the module docstring for the two forms)."""
+#: the keys of one verdict, and the words a verdict starts with.
+VERDICT_KEYS = ("claim", "verdict", "numbers", "regime", "budget")
+VERDICT_WORDS = ("holds only when", "does not hold", "holds")
+
+
+def verdict_word(verdict: str) -> str:
+    """The leading verdict word of a verdict string: "holds", "does not hold" or "holds only when"."""
+    for w in VERDICT_WORDS:
+        if verdict.startswith(w):
+            return w
+    raise ValueError(f"verdict: {verdict!r} must start with one of {VERDICT_WORDS}")
+
+
+def check_verdicts(name: str, verdicts) -> list[dict]:
+    """Validate what a figure's ``verdicts`` function returned: a list of dicts, each with the string keys
+    ``claim`` (the paper's claim), ``verdict`` (starting with "holds", "does not hold" or "holds only
+    when"), ``numbers`` (the measured numbers with their uncertainty), ``regime`` and ``budget``."""
+    if not isinstance(verdicts, (list, tuple)):
+        raise ValueError(f"verdicts: figure {name!r} must return a list of dicts, got {type(verdicts).__name__}")
+    out = []
+    for v in verdicts:
+        missing = [k for k in VERDICT_KEYS if not isinstance(v, dict) or not isinstance(v.get(k), str)]
+        if missing:
+            raise ValueError(f"verdicts: figure {name!r} returned a verdict without the string field(s) {missing}: "
+                             f"{v!r}")
+        verdict_word(v["verdict"])
+        out.append({k: v[k] for k in VERDICT_KEYS} | {k: v[k] for k in v if k not in VERDICT_KEYS})
+    return out
+
+
+def figure(name: str, description: str, draw: Optional[Callable] = None, verdicts: Optional[Callable] = None):
+    """Decorator registering a figure under ``name`` (see the module docstring for the two forms).
+
+    ``verdicts(data) -> list[dict]`` (optional) states the figure's verdicts on the papers' claims from its
+    numbers as stored in the JSON (see :func:`check_verdicts` for the fields); they are written as the
+    top-level ``verdicts`` of the figure's JSON and recomputed by ``replot``."""
     if not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"name: figure names are file stems (letters, digits, '_', '-'), got {name!r}")
 
     def deco(fn):
         if name in FIGURES and FIGURES[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"name: figure {name!r} is registered twice ({FIGURES[name].module}, {fn.__module__})")
-        FIGURES[name] = FigureSpec(name, fn, description, fn.__module__, draw)
+        FIGURES[name] = FigureSpec(name, fn, description, fn.__module__, draw, verdicts)
         return fn
 
     return deco
@@ -323,8 +359,12 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
         else:
             data = json.loads(json.dumps(to_jsonable(res)))  # draw exactly what the JSON will hold
             fig = spec.draw(data)
-        record = {"figure": name, "description": spec.description, "quick": quick, "wall_time_s": round(wall, 2),
-                  "code_hash": code_hash(spec.module), "data": data}
+        record = {"figure": name, "description": spec.description, "quick": quick,
+                  "settings": "default" if quick else "full", "wall_time_s": round(wall, 2),
+                  "code_hash": code_hash(spec.module)}
+        if spec.verdicts is not None:
+            record["verdicts"] = check_verdicts(name, spec.verdicts(data))
+        record["data"] = data
         atomic_write_bytes(out / f"{name}.png", _png(fig))
         atomic_write_json(out / f"{name}.json", record)
         results[name] = record
@@ -361,6 +401,11 @@ def replot_figures(names: Sequence[str], out: str | Path,
                 failed[name] = f"its JSON lacks {e} (written by an older version); recompute it"
                 continue
             atomic_write_bytes(out / f"{name}.png", _png(fig))
+            if spec.verdicts is not None:  # the verdicts follow the verdict function's current wording
+                verdicts = check_verdicts(name, spec.verdicts(rec["data"]))
+                if verdicts != rec.get("verdicts"):
+                    rec = {k: v for k, v in rec.items() if k != "data"} | {"verdicts": verdicts, "data": rec["data"]}
+                    atomic_write_json(out / f"{name}.json", rec)
             log(f"{name}: re-drawn from {out}/{name}.json -> {name}.png")
             continue
         log(f"{name}: not re-drawn: {failed[name]}")
