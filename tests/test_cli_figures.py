@@ -183,3 +183,76 @@ def test_verdicts_are_checked_written_and_follow_replot(tmp_path, fake):
                 [{"claim": "c", "verdict": "holds"}], {"claim": "c"}):
         with pytest.raises(ValueError, match="verdict"):
             registry.check_verdicts("x", bad)
+
+
+_MOD = '''
+import os
+from theory.registry import figure
+
+
+def _draw(data):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1], [0, data["v"]])
+    return fig
+
+
+@figure("{name}_a", "first of module {name}", draw=_draw)
+def a(quick=False):
+    return {{"v": 1.0, "pid": os.getpid()}}
+
+
+@figure("{name}_b", "second of module {name}", draw=_draw)
+def b(quick=False):
+    return {{"v": 2.0, "pid": os.getpid()}}
+'''
+
+
+def test_parallel_jobs_run_each_module_in_one_worker_process(tmp_path, monkeypatch):
+    """--jobs 2: two figure modules in two spawned workers; the figures of one module share a process."""
+    pkg = tmp_path / "src"
+    pkg.mkdir()
+    for m in ("zzpar_one", "zzpar_two"):
+        (pkg / f"{m}.py").write_text(_MOD.format(name=m))
+    monkeypatch.syspath_prepend(str(pkg))
+    mods = ["zzpar_one", "zzpar_two"]
+    try:
+        names = [n for n in registry.ordered_names(mods) if n.startswith("zzpar_")]
+        assert names == ["zzpar_one_a", "zzpar_one_b", "zzpar_two_a", "zzpar_two_b"]
+        out = tmp_path / "out"
+        logs = []
+        res = registry.run_figures(names, out, quick=True, progress=False, log=logs.append, jobs=2, modules=mods)
+        assert sorted(res) == sorted(names)
+        pid = {n: json.loads((out / f"{n}.json").read_text())["data"]["pid"] for n in names}
+        assert pid["zzpar_one_a"] == pid["zzpar_one_b"] and pid["zzpar_two_a"] == pid["zzpar_two_b"]
+        assert os.getpid() not in pid.values()
+        assert any("on 2 processes" in s for s in logs) and any("all groups done" in s for s in logs)
+        assert registry.run_figures(names, out, quick=True, progress=False, log=_quiet, jobs=2, modules=mods) == {}
+        with pytest.raises(ValueError, match="modules"):
+            registry.run_figures(names, out, quick=True, progress=False, log=_quiet, jobs=2, skip_current=False)
+    finally:
+        for n in list(registry.FIGURES):
+            if n.startswith("zzpar_"):
+                registry.FIGURES.pop(n)
+
+
+def test_makespan_hands_jobs_to_the_first_free_worker():
+    assert registry._makespan([5.0, 3.0, 3.0], 2) == 6.0 and registry._makespan([5.0, 3.0], 1) == 8.0
+
+
+def test_cli_default_settings_go_to_paper_figs_default_and_full_to_paper_figs(monkeypatch, capsys):
+    """From the checkout: the default (reduced) settings write into paper_figs/default/, --full into the
+    committed paper_figs/; --full with the old --quick, and --jobs 0, are refused with the option named."""
+    from pathlib import Path
+
+    from diffsteer import cmd_figures
+
+    root = Path(cmd_figures.__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    assert cmd_figures.repo_paper_figs(full=False) == root / "paper_figs" / "default"
+    assert cmd_figures.repo_paper_figs(full=True) == root / "paper_figs"
+    assert main(["figures", "--full", "--quick", "--list"]) == 2
+    assert "full:" in capsys.readouterr().err
+    assert main(["figures", "--jobs", "0", "--list"]) == 2
+    assert "jobs:" in capsys.readouterr().err

@@ -310,15 +310,83 @@ class _Inner:
         self.bars.clear()
 
 
+def _groups(todo: Sequence[str], est: dict) -> list[list[str]]:
+    """The figures of ``todo`` grouped by module (figures of one module share computations through
+    module-level caches, so they run in one process, in order), largest expected time first (a figure
+    without a recorded time counts as 60 s)."""
+    by_mod: dict[str, list[str]] = {}
+    for n in todo:
+        by_mod.setdefault(FIGURES[n].module, []).append(n)
+    cost = {m: sum(60.0 if est[n] is None else est[n] for n in g) for m, g in by_mod.items()}
+    return [by_mod[m] for m in sorted(by_mod, key=lambda m: -cost[m])]
+
+
+def _makespan(costs: Sequence[float], jobs: int) -> float:
+    """The finishing time of ``costs`` handed in this order to ``jobs`` workers, each job to the first free
+    worker (what a process pool does)."""
+    free = [0.0] * max(1, jobs)
+    for c in costs:
+        i = free.index(min(free))
+        free[i] += c
+    return max(free)
+
+
+def _worker_init(modules: Sequence[str], threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(int(threads))
+    missing = load(modules)
+    if missing:  # pragma: no cover - the parent loaded the same modules
+        raise RuntimeError(f"figure modules not loadable in a worker: {missing}")
+
+
+def _worker_run(names: Sequence[str], out: str, quick: bool, estimate_from: Sequence[str]) -> dict[str, dict]:
+    import os
+
+    tag = f"[worker {os.getpid()}]"
+    return run_figures(names, out, quick=quick, progress=False, skip_current=False, estimate_from=estimate_from,
+                       log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
+
+
+def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from: Sequence[Path], jobs: int,
+                  modules: Sequence[str], threads: int, est: dict, log: Callable[[str], None]) -> dict[str, dict]:
+    """Run each group of figures in one of ``jobs`` worker processes (spawned, ``threads`` torch threads
+    each), largest group first; log each group as it finishes with the expected remainder."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(list(modules), threads)) as pool:
+        futures = {pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from]): g for g in groups}
+        left = {id(g): g for g in groups}
+        for fut in as_completed(futures):
+            g = futures[fut]
+            results.update(fut.result())
+            del left[id(g)]
+            rest = [sum(60.0 if est[n] is None else est[n] for n in gg) for gg in left.values()]
+            log(f"done: {', '.join(g)} ({time.perf_counter() - t0:.0f} s since start); "
+                + (f"{len(left)} group(s) left, about {_fmt_s(_makespan(rest, jobs))} more by recorded times"
+                   if left else "all groups done"))
+    return results
+
+
 def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, progress: bool = True,
                 skip_current: bool = True, estimate_from: Sequence[Path] = (),
-                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict[str, dict]:
+                log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), jobs: int = 1,
+                modules: Sequence[str] = (), threads: int = 1) -> dict[str, dict]:
     """Compute the named figures into ``out`` (each PNG + JSON written as soon as it is finished).
 
     ``skip_current``: leave figures whose output is current (see the module docstring). Before starting it
     checks that ``out`` is writable and logs the plan with each figure's expected time (the wall time its
     JSON in ``out``, else in ``estimate_from``, recorded at the same settings) and the expected total;
-    after each figure, the time taken and the expected remainder. Returns name -> record of computed figures."""
+    after each figure, the time taken and the expected remainder. Returns name -> record of computed figures.
+
+    ``jobs`` > 1: the figures, grouped by module (see ``_groups``), run in that many spawned worker processes
+    with ``threads`` torch threads each; ``modules`` are the figure modules the workers import to find the
+    figures (the caller's list). The plan then gives the expected wall time of that schedule."""
     from . import progress as _progress
 
     unknown = [n for n in names if n not in FIGURES]
@@ -337,10 +405,22 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
         log(f"  {n:24s} to compute, expected {_fmt_s(est[n])}")
     known = [e for e in est.values() if e is not None]
     n_unknown = len(todo) - len(known)
+    groups = _groups(todo, est) if jobs > 1 else [todo]
+    parallel = jobs > 1 and len(groups) > 1
     if todo:
-        total = (f"expected {_fmt_s(sum(known))} (recorded wall times, one process)" if known else "no recorded time")
-        log(f"{len(todo)} figure(s) to compute into {out}/ ({'quick' if quick else 'full'} settings): {total}"
+        if parallel:
+            span = _makespan([sum(60.0 if est[n] is None else est[n] for n in g) for g in groups], jobs)
+            total = (f"expected {_fmt_s(span)} on {jobs} processes ({_fmt_s(sum(known))} of recorded wall times"
+                     + (", 60 s counted for each figure without one" if n_unknown else "") + ")")
+        else:
+            total = (f"expected {_fmt_s(sum(known))} (recorded wall times, one process)" if known
+                     else "no recorded time")
+        log(f"{len(todo)} figure(s) to compute into {out}/ ({'default' if quick else 'full'} settings): {total}"
             + (f"; {n_unknown} figure(s) without a recorded time at these settings" if n_unknown and known else ""))
+    if parallel:
+        if not modules:
+            raise ValueError("modules: jobs > 1 needs the figure modules for the worker processes to import")
+        return _run_parallel(groups, out, quick, estimate_from, jobs, modules, threads, est, log)
     results = {}
     paced = [0.0, 0.0]  # wall time and recorded time of the figures done so far that had a recorded time
     for i, name in enumerate(todo):
