@@ -64,7 +64,7 @@ def add_parser(sub) -> None:
     f.add_argument("--k", default="1", help="DRaFT-K: K, or 'lo,hi' drawn once per sample")
     f.add_argument("--lv-n", type=int, default=2, help="DRaFT-LV: re-noisings of the final sample")
     f.add_argument("--steps", type=int, default=100, help="optimisation steps")
-    f.add_argument("--batch-size", type=int, default=2)
+    f.add_argument("--batch-size", type=int, default=2, help="trajectories per optimisation step")
     f.add_argument("--sample-steps", type=int, default=50, help="sampler steps per trajectory")
     f.add_argument("--eta", type=float, default=0.0, help="DDIM eta (DDPO and --lam > 0 need eta > 0)")
     f.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance weight")
@@ -74,18 +74,18 @@ def add_parser(sub) -> None:
     f.add_argument("--lr-schedule", default="constant", choices=("constant", "cosine", "linear"),
                    help="learning-rate schedule over --steps (cosine / linear decay to 0)")
     f.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clipping (0: none)")
-    f.add_argument("--lora-rank", type=int, default=4)
+    f.add_argument("--lora-rank", type=int, default=4, help="rank of the LoRA adapter")
     f.add_argument("--lora-targets", default="attn", choices=("attn", "attn+ff"),
                    help="LoRA on the UNet's attention projections (q, k, v, out) or also its feed-forward layers")
     f.add_argument("--refl-steps", default="1,10", metavar="LO,HI",
                    help="ReFL: stop m in [LO, HI] steps before the end (HI <= --sample-steps)")
     f.add_argument("--grad-checkpoint", action="store_true", help="gradient checkpointing of every sampler step")
     f.add_argument("--ckpt-every", type=int, default=10, help="checkpoint period in steps (0: never)")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seed of the training noise (and of the --tiny pipeline's weights)")
     f.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="dtype of the frozen pipeline weights; LoRA and optimiser state stay float32 (float16 needs a GPU)")
-    f.add_argument("--no-progress", action="store_true")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
     f.add_argument("--out", default="runs/sd-finetune", help="output folder (resumed from if it holds a checkpoint)")
     f.set_defaults(func=run_finetune_cmd, option_defaults={d: f.get_default(d) for d in _FILE_KEYS.values()})
     add_digits_parser(sub)
