@@ -16,6 +16,8 @@ import numpy as np
 
 from theory.registry import figure
 
+from . import verdicts as _v
+
 __all__ = ["experiment", "QUICK_OVERRIDES", "draw_compress", "draw_multitask"]
 
 #: reduced settings of the quick figures (the full ones are the config file's).
@@ -153,13 +155,13 @@ def draw_multitask(d: dict):
 
 
 @figure("ctrl_digits", "CTRL on the digits pipeline: 4 JPEG-size classes by the true measure vs DPS and the "
-                       "pre-trained model; per-class size during training; samples", draw=draw_compress)
+                       "pre-trained model; per-class size during training; samples", draw=draw_compress, verdicts=_v.ctrl_digits)
 def fig_ctrl_digits(quick: bool) -> dict:
     return _strip(experiment(quick), "compress")
 
 
 @figure("ctrl_digits_multitask", "CTRL multi-task on the digits pipeline: JPEG size x ink mass, four "
-                                 "compositional classes", draw=draw_multitask)
+                                 "compositional classes", draw=draw_multitask, verdicts=_v.ctrl_digits)
 def fig_ctrl_digits_multitask(quick: bool) -> dict:
     res = experiment(quick)
     if "multitask" not in res["tasks"]:

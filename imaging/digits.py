@@ -34,6 +34,8 @@ from theory.registry import figure
 from theory.schedules import LinearVP
 from theory.solvers import sample, time_grid
 
+from . import verdicts as _v
+
 __all__ = ["DigitsConfig", "load_digits", "pretrained", "run", "draw", "QUICK"]
 
 
@@ -235,6 +237,6 @@ def draw(res: dict):
 
 
 @figure("digits_ctrl", "CTRL on scikit-learn's 8x8 digits: samples per label vs DPS, judged accuracy, realism",
-        draw=draw)
+        draw=draw, verdicts=_v.digits_ctrl)
 def fig_digits(quick: bool) -> dict:
     return run(QUICK if quick else DigitsConfig())

@@ -21,6 +21,8 @@ import numpy as np
 
 from theory.registry import figure
 
+from . import verdicts as _v
+
 __all__ = ["QUICK", "FULL", "DIGIT", "JPEG", "ALG2", "experiment", "draw"]
 
 #: quick settings (the registry's --quick): 3 strengths x 2 methods x 6 chains, 6 rounds, 15 steps.
@@ -219,18 +221,18 @@ def _strip(res: dict) -> dict:
 
 @figure("gg_image_alg1", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward log p(digit 8) "
                          "from prompt '3': reward gain and off-subspace share per round and strength, realism, samples, "
-                         "runtime row", draw=draw)
+                         "runtime row", draw=draw, verdicts=_v.guide)
 def fig_gg_image_alg1(quick: bool) -> dict:
     return _strip(experiment(quick, DIGIT))
 
 
 @figure("gg_image_jpeg", "Gradient guidance (Algorithm 1, G vs G_loss) on the digits pipeline toward the differentiable "
-                         "JPEG compressibility", draw=draw)
+                         "JPEG compressibility", draw=draw, verdicts=_v.guide)
 def fig_gg_image_jpeg(quick: bool) -> dict:
     return _strip(experiment(quick, JPEG))
 
 
 @figure("gg_image_alg2", "Gradient guidance with score fine-tuning (Algorithm 2, fresh noise, G vs G_loss) on the digits "
-                         "pipeline toward log p(digit 8) from prompt '3'", draw=draw)
+                         "pipeline toward log p(digit 8) from prompt '3'", draw=draw, verdicts=_v.guide)
 def fig_gg_image_alg2(quick: bool) -> dict:
     return _strip(experiment(quick, dict(DIGIT, **ALG2)))

@@ -306,9 +306,61 @@ def draw(res: dict):
     return fig
 
 
+CLAIM_TARGET = ("Theory (docs/theory.md §4; CTRL Theorem 1): the exact h-transform sampler, started from the tilted "
+                "p*_T, samples the tilted target p(y|x)^gamma p(x)")
+CLAIM_SCALED = "CTRL (Zhao et al.): scaling the classifier's gradient by gamma is not the gamma-tilt (so CTRL learns it)"
+CLAIM_BIAS = ("Theory (docs/theory.md §4): started from the untilted p_T, the optimal drift ends with the mean error of "
+              "the closed form (4.11)")
+
+
+def verdicts(data: dict) -> list[dict]:
+    """The figure's verdicts from its JSON: per gamma, the h-transform's KL to the binned target within Z sd of
+    the floor (``theory.verdicts.hist_kl_sd``, n samples each) and its label mass within Z binomial se of the
+    target's; the scaled classifier guidance's KL above the floor by Z sd; the Monte Carlo mean errors within
+    the family-wise threshold ``z_family`` of the closed form at every T."""
+    from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, num, pm, verdict, z_family
+
+    c = data["config"]
+    n = int(c["n"])
+    regime = (f"2-D labelled mixture, exact eps and classifier, OU schedule, T = {num(c['T'])} (alpha(T) = "
+              f"{num(data['alpha_T'])}), label {c['label']}")
+    budget = f"{n} samples per sampler, {c['n_steps']} DDPM steps; {c['bins']}^2 histogram bins; 1 seed"
+    ok, words, ok_s, words_s = {}, [], {}, []
+    for g, v in data["tilted"].items():
+        kl, fl = float(v["kl"]), float(v["kl_floor"])
+        sd = math.hypot(hist_kl_sd(kl, fl, n), hist_kl_sd(fl, fl, n))
+        p, pt = float(v["label_mass"]), float(v["target_label_mass"])
+        se = binom_se(pt, n)
+        ok[num(g)] = not beyond(kl - fl, sd) and not beyond(abs(p - pt), se)
+        words.append(f"gamma {num(g)}: KL {num(kl)} vs floor {num(fl)} (gap {pm(kl - fl, sd)}), P(y) {num(p, 4)} vs "
+                     f"{num(pt, 4)} (se {num(se, 2)})")
+        if "scaled_cg" in v:
+            ks = float(v["scaled_cg"]["kl"])
+            sds = math.hypot(hist_kl_sd(ks, fl, n), hist_kl_sd(fl, fl, n))
+            ok_s[num(g)] = beyond(ks - fl, sds)
+            words_s.append(f"gamma {num(g)}: scaled classifier guidance KL {num(ks)} vs floor {num(fl)} "
+                           f"(gap {pm(ks - fl, sds)}); h-transform {num(kl)}")
+    out = [verdict(CLAIM_TARGET, f"{by_condition(ok, 'gamma')} (criterion: KL - floor and |P(y) - target| within "
+                                 f"{num(Z)} sd)", "; ".join(words), regime, budget)]
+    if ok_s:
+        out.append(verdict(CLAIM_SCALED, f"{by_condition(ok_s, 'gamma')} (criterion: its KL above the floor by "
+                                         f"{num(Z)} sd)", "; ".join(words_s), regime, budget))
+    mc = data["bias_gaussian"]["monte_carlo"]
+    zs = [abs(float(m["mc_vs_closed_form_in_se"])) for m in mc]
+    zf = z_family(len(zs))
+    out.append(verdict(CLAIM_BIAS, ("holds" if max(zs) <= zf else "does not hold")
+                       + f" (criterion: every |Monte Carlo - closed form| within {num(zf)} se, the {num(Z)}-se level "
+                       f"shared by {len(zs)} values of T)",
+                       f"largest |difference| {num(max(zs))} se over T = {[num(m['T']) for m in mc]}; closed-form "
+                       f"log-log slope against alpha(T) {num(data['bias_gaussian']['loglog_slope_mean_err_vs_alpha'])}",
+                       "Gaussian data, linear reward, lam = " + num(data["bias_gaussian"]["lam"]),
+                       f"{n} samples per T; 1 seed"))
+    return out
+
+
 @figure("theory_tilting", "Theory: 2-D labelled mixture - pre-trained samples, exact tilted targets at gamma 1 and 4 "
         "with h-transform samples (and scaled classifier guidance), terminal bias from the untilted p_T vs alpha(T)",
-        draw=draw)
+        draw=draw, verdicts=verdicts)
 def fig_theory_tilting(quick: bool = False) -> dict:
     """The numbers of ``run`` at full (or quick) settings, as the JSON keeps them (see ``_for_json``)."""
     return _for_json(run(TiltConfig.quick() if quick else TiltConfig()))

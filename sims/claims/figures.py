@@ -11,6 +11,7 @@ from theory.progress import report
 from theory.registry import figure
 
 from . import dimension as dim
+from . import verdicts as _v
 from .sphere_exact import compare, run_exact, verdict
 
 COLORS = {"G": "tab:red", "G_loss": "tab:blue", "DRaFT-1": "tab:orange", "DRaFT-LV": "tab:green",
@@ -52,7 +53,7 @@ def draw_sphere(data: dict):
 
 @figure("claims_sphere", "Gradient guidance on the sphere with the exact score (uniform-sphere Bessel-ratio "
         "score) beside the learned one: does G_loss's extra reward come with more off-sphere distance?",
-        draw=draw_sphere)
+        draw=draw_sphere, verdicts=_v.sphere)
 def fig_sphere(quick: bool = False) -> dict:
     cfg = quick_sphere() if quick else SphereConfig()
     exact = run_exact(cfg)
@@ -111,7 +112,7 @@ def draw_dimension(data: dict):
 
 
 @figure("claims_dimension", "DRaFT-1, DRaFT-LV and DDPO: reward queries to reach half the way to the optimum "
-        "against the dimension (N(0, I) pre-trained, exact eps; reward -mean_i (x_i - c)^2)", draw=draw_dimension)
+        "against the dimension (N(0, I) pre-trained, exact eps; reward -mean_i (x_i - c)^2)", draw=draw_dimension, verdicts=_v.dimension)
 def fig_dimension(quick: bool = False) -> dict:
     cfg = dim.quick() if quick else dim.DimConfig()
     res = dim.sweep(cfg, progress=lambda i, n: report(i, n, "run", "dimension runs"))

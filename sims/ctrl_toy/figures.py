@@ -14,6 +14,7 @@ from theory.nets import DSMConfig
 from theory.registry import figure
 
 from . import data
+from . import verdicts as _v
 from .configs import CompareConfig, EfficiencyConfig, GammaConfig, ToyConfig, TwoLabelConfig
 from .experiments import compare, efficiency, gamma_sweep, two_labels
 
@@ -85,7 +86,7 @@ def draw_density(d: dict):
 
 
 @figure("ctrl_toy_density", "CTRL toy: exact target p(y|x)^gamma p(x) vs CTRL, classifier guidance, DPS, CFG per label",
-        draw=draw_density)
+        draw=draw_density, verdicts=_v.density)
 def fig_density(quick: bool = False) -> dict:
     cfg = CompareConfig.quick() if quick else CompareConfig()
     res = compare(cfg)
@@ -132,7 +133,7 @@ def draw_table(d: dict):
 
 
 @figure("ctrl_toy_table", "CTRL toy: accuracy / macro-F1 / label log-likelihood / KL of CTRL, classifier guidance, DPS, CFG",
-        draw=draw_table)
+        draw=draw_table, verdicts=_v.table)
 def fig_table(quick: bool = False) -> dict:
     cfg = CompareConfig.quick() if quick else CompareConfig()
     res = compare(cfg)
@@ -164,7 +165,7 @@ def draw_efficiency(d: dict):
 
 
 @figure("ctrl_toy_efficiency", "CTRL toy: KL to the exact target vs offline data size, CTRL vs classifier-free guidance",
-        draw=draw_efficiency)
+        draw=draw_efficiency, verdicts=_v.efficiency)
 def fig_efficiency(quick: bool = False) -> dict:
     cfg = EfficiencyConfig.quick() if quick else EfficiencyConfig()
     res = efficiency(cfg)
@@ -215,7 +216,7 @@ def draw_gamma(d: dict):
 
 
 @figure("ctrl_toy_gamma", "CTRL toy: gamma sweep, trained at one gamma and rescaled at inference (appendix B)",
-        draw=draw_gamma)
+        draw=draw_gamma, verdicts=_v.gamma)
 def fig_gamma(quick: bool = False) -> dict:
     cfg = GammaConfig.quick() if quick else GammaConfig()
     res = gamma_sweep(cfg)
@@ -252,7 +253,7 @@ def draw_two(d: dict):
 
 
 @figure("ctrl_toy_two_labels", "CTRL toy: two conditionally independent labels at once from two classifiers",
-        draw=draw_two)
+        draw=draw_two, verdicts=_v.two_labels)
 def fig_two(quick: bool = False) -> dict:
     cfg = TwoLabelConfig.quick() if quick else TwoLabelConfig()
     res = two_labels(cfg)

@@ -12,6 +12,7 @@ import numpy as np
 
 from theory.registry import figure
 
+from . import verdicts as _v
 from .configs import CompareConfig, DiversityConfig, GradKConfig, LoraConfig
 from .experiments import claims, compare, diversity, grad_vs_k, lora_analysis, summarise_compare
 
@@ -60,7 +61,7 @@ def draw_compare(numbers: dict):
 
 
 @figure("draft_toy_compare", "DRaFT toy: reward vs reward queries and wall time for DRaFT, DRaFT-K, DRaFT-LV, ReFL, DDPO",
-        draw=draw_compare)
+        draw=draw_compare, verdicts=_v.compare)
 def fig_compare(quick: bool = False) -> dict:
     cfg = CompareConfig.quick() if quick else CompareConfig()
     data = compare(cfg)
@@ -88,7 +89,7 @@ def draw_grad_k(d: dict):
 
 
 @figure("draft_toy_grad_k", "DRaFT toy: norm of the DRaFT-K gradient and its angle to the DRaFT-1 gradient against K",
-        draw=draw_grad_k)
+        draw=draw_grad_k, verdicts=_v.grad_k)
 def fig_grad_k(quick: bool = False) -> dict:
     cfg = GradKConfig.quick() if quick else GradKConfig()
     d = grad_vs_k(cfg)
@@ -135,7 +136,7 @@ def draw_lora(d: dict):
     return fig
 
 
-@figure("draft_toy_lora", "DRaFT toy: LoRA scale sweep, sum of two adapters, LoRA on first/last steps", draw=draw_lora)
+@figure("draft_toy_lora", "DRaFT toy: LoRA scale sweep, sum of two adapters, LoRA on first/last steps", draw=draw_lora, verdicts=_v.lora)
 def fig_lora(quick: bool = False) -> dict:
     return lora_analysis(LoraConfig.quick() if quick else LoraConfig())
 
@@ -168,6 +169,6 @@ def draw_diversity(d: dict):
 
 
 @figure("draft_toy_diversity", "DRaFT toy: diversity collapse over training and the effect of the KL term and DRaFT+'s eps penalty",
-        draw=draw_diversity)
+        draw=draw_diversity, verdicts=_v.diversity)
 def fig_diversity(quick: bool = False) -> dict:
     return diversity(DiversityConfig.quick() if quick else DiversityConfig())

@@ -12,6 +12,7 @@ import numpy as np
 from theory.progress import report
 from theory.registry import figure
 
+from . import verdicts as _v
 from .config import Setup, SphereConfig, alg_runs, convergence_runs, quick_sphere
 from .data import basis, objective
 from .experiments import converge_round, pass_times, run, run_sphere
@@ -81,7 +82,7 @@ def draw_roff(data: dict):
 
 
 @figure("gg_roff", "Gradient guidance: off-support ratio r_off per round, G vs G_loss, Algorithms 1 and 2 "
-        "(f1 theta_2, trained score), with the pre-trained model's r_off", draw=draw_roff)
+        "(f1 theta_2, trained score), with the pre-trained model's r_off", draw=draw_roff, verdicts=_v.roff)
 def fig_roff(quick: bool = False) -> dict:
     runs = _run_all(alg_runs(quick))
     data = {}
@@ -118,7 +119,7 @@ R99 = math.sqrt(32.0)
 
 
 @figure("gg_objective", "Gradient guidance: objective per round, Algorithm 1 vs Algorithm 2 (f1 theta_2, trained "
-        "score), with the global maximum and the best value on the subspace", draw=draw_objective)
+        "score), with the global maximum and the best value on the subspace", draw=draw_objective, verdicts=_v.objective)
 def fig_objective(quick: bool = False) -> dict:
     runs = _run_all(alg_runs(quick))
     setup = Setup()
@@ -160,7 +161,7 @@ def draw_convergence(data: dict):
 
 
 @figure("gg_convergence", "Gradient guidance: Algorithm 1 with G_loss on f1 (theta_1, theta_2) and f2 (b_1, b_2; "
-        "exact and trained score)", draw=draw_convergence)
+        "exact and trained score)", draw=draw_convergence, verdicts=_v.convergence)
 def fig_convergence(quick: bool = False) -> dict:
     runs = _run_all(convergence_runs(quick))
     data = {}
@@ -219,7 +220,7 @@ def draw_sphere(data: dict):
 
 
 @figure("gg_sphere", "Gradient guidance on unit-sphere data: reward vs ||x| - 1|, G vs G_loss over the delta sweep",
-        draw=draw_sphere)
+        draw=draw_sphere, verdicts=_v.sphere)
 def fig_sphere(quick: bool = False) -> dict:
     cfg = quick_sphere() if quick else SphereConfig()
     res = run_sphere(cfg)
@@ -266,7 +267,7 @@ def draw_distributions(data: dict):
 
 
 @figure("gg_distributions", "Gradient guidance: samples before and after (projections on span(A) and |x_perp|), "
-        "Algorithms 1 and 2, G and G_loss (f1 theta_2)", draw=draw_distributions)
+        "Algorithms 1 and 2, G and G_loss (f1 theta_2)", draw=draw_distributions, verdicts=_v.distributions)
 def fig_distributions(quick: bool = False) -> dict:
     runs = _run_all(alg_runs(quick))
     data = {}
@@ -314,7 +315,7 @@ def draw_runtime(data: dict):
 
 
 @figure("gg_runtime", "Gradient guidance: runtime table (time to converge, per round, one unguided pass, ratios)",
-        draw=draw_runtime)
+        draw=draw_runtime, verdicts=_v.runtime)
 def fig_runtime(quick: bool = False) -> dict:
     setup = Setup()
     data = {}
