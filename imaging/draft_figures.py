@@ -17,7 +17,8 @@ import numpy as np
 
 from theory.registry import figure
 
-__all__ = ["config", "compare_data", "lora_data", "diversity_data", "draw_compare", "draw_lora", "draw_diversity"]
+__all__ = ["config", "compare_data", "lora_data", "diversity_data", "draw_compare", "draw_lora", "draw_diversity",
+           "verdicts_compare", "verdicts_lora", "verdicts_diversity"]
 
 _COLORS = {"DRaFT": "C0", "DRaFT-1": "C1", "DRaFT-K": "C2", "DRaFT-LV": "C3", "ReFL": "C4", "DDPO": "C7"}
 _RUNS: dict = {}
@@ -60,7 +61,8 @@ def lora_data(quick: bool) -> dict:
 
     key = ("lora", quick)
     if key not in _RUNS:
-        _RUNS[key] = lora(config(quick), compare_data(quick)["adapters"], ctx=_context(quick))
+        c = compare_data(quick)
+        _RUNS[key] = lora(config(quick), c.get("adapters_by_seed") or c["adapters"], ctx=_context(quick))
     return _RUNS[key]
 
 
@@ -101,16 +103,18 @@ def _claim_lines(d: dict) -> list[str]:
             s = lv.get(key)
             if s is None:
                 continue
-            ratios = [f"{_f(x['ratio']):.2f}" for x in s["levels"]]
-            lines.append(f"{r}: DRaFT-LV vs ReFL, {key.replace('_', ' ')}: speed-up at 25/50/75% of ReFL's gain "
-                         f"{'/'.join(ratios) if ratios else 'n/a (ReFL no gain)'}; final gain ratio {_f(s['gain_ratio']):.2f}")
+            ratios = [x.get("short", f"{_f(x['ratio']):.2f}") for x in s["levels"]]
+            lines.append(f"{r}: DRaFT-LV vs ReFL, {key.replace('_', ' ')}: speed-up at 25/50/75% of the larger gain "
+                         f"{' / '.join(ratios) if ratios else 'n/a (neither gained)'}; final gain ratio "
+                         f"{_f(s['gain_ratio']):.2f}" + (f" +- {_f(s['gain_ratio_se']):.2f}"
+                                                         if math.isfinite(_f(s.get('gain_ratio_se'))) else ""))
         g = c.get("gradient_vs_ddpo", {})
         parts = []
         for m, v in g.items():
-            s = v["diff_queries"]
-            parts.append(f"{m} {_f(s['gain_ratio']):.1f}x")
+            lv = next((x for x in v["diff_queries"]["levels"] if abs(_f(x["fraction"]) - 0.5) < 1e-9), None)
+            parts.append(f"{m} {lv.get('short', '') if lv else 'n/a'}")
         if parts:
-            lines.append(f"{r}: gain over DDPO at equal queries (diff. reward): " + ", ".join(parts))
+            lines.append(f"{r}: speed-up over DDPO per query to half the larger gain (diff. reward): " + ", ".join(parts))
     return lines
 
 
@@ -177,14 +181,17 @@ def draw_lora(d: dict):
     ax.set_title(f"{d['reward_a']} adapter x scale s (same noise)", fontsize=9)
     ax = fig.add_subplot(gs[1])
     s = [_f(r["scale"]) for r in sc]
-    ax.errorbar(s, [_f(r["compress"]) * 1e3 for r in sc], [_f(r["compress_se"]) * 1e3 for r in sc], fmt="o-", color="C0",
-                label="diff. compressibility (x1e-3)")
+    paired = "compress_change" in sc[0]  # the change from scale 0 on the same noise (smaller se than the levels)
+    ck, jk = ("compress_change", "jpeg_kb_change") if paired else ("compress", "jpeg_kb")
+    ax.errorbar(s, [_f(r[ck]) * 1e3 for r in sc], [_f(r[ck + "_se"]) * 1e3 for r in sc], fmt="o-", color="C0",
+                capsize=3)
     ax.set_xlabel("LoRA scale s (0 = pre-trained, 1 = fine-tuned)")
-    ax.set_ylabel("diff. compressibility (x1e-3)", color="C0")
+    what = "change from s = 0 in " if paired else ""
+    ax.set_ylabel(f"{what}diff. compressibility (x1e-3)", color="C0")
     ax2 = ax.twinx()
-    ax2.errorbar(s, [_f(r["jpeg_kb"]) for r in sc], [_f(r["jpeg_kb_se"]) for r in sc], fmt="s--", color="C3")
-    ax2.set_ylabel("true JPEG size (kB)", color="C3")
-    ax.set_title("rewards per scale", fontsize=9)
+    ax2.errorbar(s, [_f(r[jk]) for r in sc], [_f(r[jk + "_se"]) for r in sc], fmt="s--", color="C3", capsize=3)
+    ax2.set_ylabel(f"{what}true JPEG size (kB)", color="C3")
+    ax.set_title(f"rewards per scale (mean +- se over {d.get('se_over', 'samples')})", fontsize=9)
     ws = sorted({_f(m["w_a"]) for m in d["mix"]})
     for j, (key, lab) in enumerate((("compress", "diff. compressibility (x1e-3)"), ("jpeg_kb", "true JPEG size (kB)"))):
         ax = fig.add_subplot(gs[2 + j])
@@ -200,8 +207,8 @@ def draw_lora(d: dict):
         ax.set(xlabel=f"weight of the {d['reward_b']} adapter", ylabel=f"weight of the {d['reward_a']} adapter")
         ax.set_title(f"sum of two adapters: {lab}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle("LoRA scaling and mixing through the diffusers format (stock load_lora_weights + set_adapters)",
-                 fontsize=10)
+    fig.suptitle(f"LoRA scaling and mixing of {d['config']['lora_method']} adapters ({d.get('n_adapters', 1)} seed(s)) "
+                 "through the diffusers format (stock load_lora_weights + set_adapters)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -217,15 +224,18 @@ def draw_diversity(d: dict):
     gs = fig.add_gridspec(1, 3, width_ratios=[1, 1, 1.1])
     ax = fig.add_subplot(gs[0])
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [_f(r["judge_diversity"]) for r in rows], 0.4, label="judge features (8x8)")
-    ax.bar(x + 0.2, [_f(r["pixel_diversity"]) * 10 for r in rows], 0.4, label="pixels (x10)")
+    ax.bar(x - 0.2, [_f(r["judge_diversity"]) for r in rows], 0.4, label="judge features (8x8)",
+           yerr=[_f(r.get("judge_diversity_se", 0.0)) for r in rows])
+    ax.bar(x + 0.2, [_f(r["pixel_diversity"]) * 10 for r in rows], 0.4, label="pixels (x10)",
+           yerr=[_f(r.get("pixel_diversity_se", 0.0)) * 10 for r in rows])
     ax.set_xticks(x, labels, rotation=20, fontsize=8)
     ax.set_ylabel("mean pairwise distance within a prompt")
     ax.legend(fontsize=7)
-    ax.set_title("diversity", fontsize=9)
+    ax.set_title(f"diversity (mean +- se over {len(d['config']['seeds'])} seed(s))", fontsize=9)
     ax = fig.add_subplot(gs[1])
     for i, r in enumerate(rows):
-        ax.scatter(_f(r["compress"]) * 1e3, _f(r["judge_diversity"]), color=f"C{i}", label=labels[i])
+        ax.errorbar(_f(r["compress"]) * 1e3, _f(r["judge_diversity"]), xerr=_f(r.get("compress_se", 0.0)) * 1e3,
+                    yerr=_f(r.get("judge_diversity_se", 0.0)), fmt="o", color=f"C{i}", label=labels[i])
     ax.set(xlabel="diff. compressibility (x1e-3)", ylabel="judge diversity")
     ax.legend(fontsize=7)
     ax.set_title("reward against diversity", fontsize=9)
@@ -244,6 +254,24 @@ def draw_diversity(d: dict):
     return fig
 
 
+def verdicts_compare(d: dict) -> list:
+    from .draft import verdicts_compare as v
+
+    return v(d)
+
+
+def verdicts_lora(d: dict) -> list:
+    from .draft import verdicts_lora as v
+
+    return v(d)
+
+
+def verdicts_diversity(d: dict) -> list:
+    from .draft import verdicts_diversity as v
+
+    return v(d)
+
+
 def _strip_compare(d: dict) -> dict:
     out = {k: v for k, v in d.items() if k != "runs"}
     out["runs"] = {r: {m: [{k: v for k, v in run.items() if k != "history"} | {
@@ -254,18 +282,18 @@ def _strip_compare(d: dict) -> dict:
 
 @figure("draft_image_compare", "DRaFT, DRaFT-1, DRaFT-K, DRaFT-LV, ReFL, DDPO on the digits pipeline: differentiable "
                                "JPEG (in)compressibility and true JPEG size vs reward queries and wall time",
-        draw=draw_compare)
+        draw=draw_compare, verdicts=verdicts_compare)
 def fig_draft_image_compare(quick: bool) -> dict:
     return _strip_compare(compare_data(quick))
 
 
 @figure("draft_image_lora", "DRaFT LoRA scaling 0..1.5 and the sum of two adapters on the digits pipeline",
-        draw=draw_lora)
+        draw=draw_lora, verdicts=verdicts_lora)
 def fig_draft_image_lora(quick: bool) -> dict:
     return lora_data(quick)
 
 
 @figure("draft_image_diversity", "Sample diversity against the KL weight and DRaFT+'s eps penalty on the digits pipeline",
-        draw=draw_diversity)
+        draw=draw_diversity, verdicts=verdicts_diversity)
 def fig_draft_image_diversity(quick: bool) -> dict:
     return diversity_data(quick)

@@ -217,3 +217,133 @@ def test_config_file_errors_are_one_line(tmp_path, capsys):
     assert "--config: unknown key(s) ['learning_rate']" in capsys.readouterr().err
     assert main(["sd-finetune", "--config", str(tmp_path / "missing.json"), "--tiny"]) == 2
     assert "--config: no file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- speed-ups and verdicts (synthetic)
+
+Q = [0, 32, 64, 96, 128]
+
+
+def _run(slope, seconds_per_query=0.1, start=0.0, key_sign=1.0):
+    """A run whose evaluated reward rises linearly in the queries (linear interpolation is then exact)."""
+    return {"curve": [{"queries": q, "wall_time": q * seconds_per_query, "compress": key_sign * (start + slope * q),
+                       "compress_se": 0.01, "jpeg_kb": 5.0 - slope * q, "jpeg_kb_se": 0.01} for q in Q],
+            "steps": 32, "queries_per_step": 4, "seconds_per_step": 0.4}
+
+
+def test_censored_ratio_closed_forms():
+    """Both reach: b / a; only the fast one: >= the slow budget / a; only the slow one: <= b / the fast budget."""
+    assert draft.censored_ratio(32.0, 96.0, 128.0, 128.0) == (3.0, "=")
+    assert draft.censored_ratio(32.0, float("inf"), 128.0, 128.0) == (4.0, ">=")
+    assert draft.censored_ratio(float("inf"), 64.0, 128.0, 128.0) == (0.5, "<=")
+    v, b = draft.censored_ratio(float("inf"), float("inf"), 128.0, 128.0)
+    assert b == "none" and v != v
+
+
+def test_speedup_levels_of_the_larger_gain_with_a_method_that_never_reaches():
+    """Fast y = q/64 (final 2), slow y = q/128 (final 1): levels at 25/50/75% of the larger gain 2 are 0.5, 1,
+    1.5, reached by the fast run at 32, 64, 96 queries and by the slow one at 64, 128, never: ratios 2, 2 and
+    the bound >= 128/96; a flat method (DDPO-like) reaches none, every ratio a lower bound."""
+    s = draft.speedup([_run(1 / 64)], [_run(1 / 128)])
+    assert [lv["bound"] for lv in s["levels"]] == ["=", "=", ">="]
+    assert [lv["ratio"] for lv in s["levels"]] == pytest.approx([2.0, 2.0, 128 / 96])
+    assert "never reaches" in s["levels"][2]["text"] and "nan" not in s["levels"][2]["text"]
+    flat = draft.speedup([_run(1 / 64)], [_run(0.0)])
+    assert all(lv["bound"] == ">=" for lv in flat["levels"])
+    assert flat["levels"][1]["ratio"] == pytest.approx(128 / 64)
+    none = draft.speedup([_run(0.0)], [_run(-1e-3)])  # neither gains: no level
+    assert none["levels"] == []
+
+
+def test_speedup_per_seed_mean_and_se():
+    """Per seed i the ratio is slope_fast_i / slope_slow_i (linear curves that both reach the level); their
+    mean and se are numpy's."""
+    import numpy as np
+
+    f, s = [1 / 50, 1.02 / 50, 0.98 / 50], [1 / 90, 0.98 / 90, 1.02 / 90]
+    out = draft.speedup([_run(a) for a in f], [_run(b) for b in s])
+    lv = out["levels"][1]
+    want = np.array(f) / np.array(s)
+    assert [x["ratio"] for x in lv["seeds"]] == pytest.approx(want.tolist())
+    assert lv["ratio_mean"] == pytest.approx(want.mean())
+    assert lv["ratio_se"] == pytest.approx(want.std(ddof=1) / np.sqrt(3))
+    assert lv["n_censored"] == 0
+
+
+def _compare_data(lv_slope, refl_slope, ddpo_slope=0.0, jitter=(1.0, 1.02, 0.98)):
+    cfg = DraftImageConfig().to_json()
+    runs = {}
+    for r, sg in (("compress", 1.0), ("incompress", -1.0)):
+        runs[r] = {"DRaFT-K": [_run(lv_slope * 1.5 * j, key_sign=sg) for j in jitter],
+                   "DRaFT-LV": [_run(lv_slope * j, key_sign=sg) for j in jitter],
+                   "ReFL": [_run(refl_slope * j, key_sign=sg) for j in reversed(jitter)],
+                   "DDPO": [_run(ddpo_slope + 1e-5 * (i - 1), key_sign=sg) for i in range(len(jitter))]}
+    data = {"config": cfg, "runs": runs}
+    data["claims"] = draft.claims(data)
+    return _roundtrip(data)
+
+
+def test_verdicts_compare_follow_the_numbers():
+    """LV 1.8x ReFL's slope (per-seed ratios 1.8 +- ~0.04): holds; LV 1.2x: short of ~2x, does not hold;
+    gradient methods against a flat DDPO: holds. The registry accepts the verdicts."""
+    from theory.registry import check_verdicts, verdict_word
+
+    good = draft.verdicts_compare(_compare_data(1 / 50, 1 / 90))
+    check_verdicts("draft_image_compare", good)
+    assert [verdict_word(v["verdict"]) for v in good] == ["holds", "holds"]
+    assert "1.80x" in good[0]["numbers"]
+    bad = draft.verdicts_compare(_compare_data(1.2 / 90, 1 / 90))
+    assert verdict_word(bad[0]["verdict"]) == "does not hold" and "short of 2x" in bad[0]["verdict"]
+    one_seed = draft.verdicts_compare(_compare_data(1 / 50, 1 / 90, jitter=(1.0,)))
+    assert "not resolved" in one_seed[0]["verdict"]  # no se with one seed
+
+
+def _div_data(divs, lost=True):
+    cfg = DraftImageConfig().to_json()
+    mk = lambda lam, eps, d: {"lam": lam, "eps_penalty": eps, "judge_diversity": d, "judge_diversity_se": 0.3,  # noqa: E731
+                              "compress": -1e-3, "compress_se": 1e-5, "kl_last": 1.0}
+    runs = [mk(0.0, 0.0, divs[0]), mk(1e-3, 0.0, divs[1]), mk(1e-2, 0.0, divs[2]), mk(0.0, 1e-2, divs[3])]
+    return {"config": cfg, "runs": runs, "pretrained": {"judge_diversity": 20.0 if lost else divs[0], "compress": -1e-3}}
+
+
+def test_verdicts_diversity_follow_the_numbers():
+    """se 0.3 per setting, so a difference resolves above 2 * 0.3 * sqrt 2 = 0.85."""
+    from theory.registry import verdict_word
+
+    assert verdict_word(draft.verdicts_diversity(_div_data([14, 19, 20, 18]))[0]["verdict"]) == "holds"
+    v = draft.verdicts_diversity(_div_data([14, 14.5, 20, 14.2]))[0]["verdict"]
+    assert v.startswith("holds only when lam = 0.01 ") and "lam = 0.001" in v.split("not for")[1]
+    assert verdict_word(draft.verdicts_diversity(_div_data([14, 14.5, 14, 14.2]))[0]["verdict"]) == "does not hold"
+    assert "no loss" in draft.verdicts_diversity(_div_data([20, 20, 20, 20], lost=False))[0]["verdict"]
+
+
+def _lora_data(per_scale, mix_vals):
+    """One adapter pair; per_scale {scale: per-sample values}, mix_vals {(w_a, w_b): values}."""
+    cfg = DraftImageConfig().to_json()
+    sc = [{"scale": s, "compress": sum(v) / len(v), "compress_se": 0.0, "compress_values": v} for s, v in per_scale.items()]
+    mix = [{"w_a": a, "w_b": b, "compress_values": v} for (a, b), v in mix_vals.items()]
+    return {"config": cfg, "reward_a": "compress", "reward_b": "incompress", "scales": sc,
+            "per_adapter": [{"scales": sc, "mix": mix}]}
+
+
+def test_verdicts_lora_follow_the_numbers():
+    """Per-sample paired differences: a rise of 1 per unit scale with sample noise 0.1 holds; a fall after
+    s = 1 gives 'holds only when s <= 1'; the sum between the two adapters' rewards mixes them."""
+    import numpy as np
+
+    from theory.registry import verdict_word
+
+    rng = np.random.default_rng(0)
+
+    def noisy(m):  # independent sample noise per setting: paired differences have se ~0.1 * sqrt(2) / 4
+        return (m + rng.normal(0, 0.1, 16)).tolist()
+
+    up = {s: noisy(s) for s in (0.0, 0.5, 1.0, 1.5)}
+    mix = {(1.0, 0.0): noisy(1), (1.0, 1.0): noisy(0), (0.0, 1.0): noisy(-1), (0.0, 0.0): noisy(0)}
+    v = draft.verdicts_lora(_lora_data(up, mix))
+    assert [verdict_word(x["verdict"]) for x in v] == ["holds", "holds"]
+    fall = {**up, 1.5: noisy(0.5)}
+    assert draft.verdicts_lora(_lora_data(fall, mix))[0]["verdict"].startswith("holds only when s <= 1 ")
+    flat_mix = {**mix, (1.0, 1.0): noisy(1)}
+    assert verdict_word(draft.verdicts_lora(_lora_data(up, flat_mix))[1]["verdict"]) == "does not hold"
+    assert verdict_word(draft.verdicts_lora(_lora_data({s: noisy(0) for s in up}, mix))[0]["verdict"]) == "does not hold"
