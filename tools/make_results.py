@@ -2,12 +2,18 @@
 
 Usage (from the repository root, standard library only):
 
-    python tools/make_results.py            # (re)write docs/results.md
-    python -m tools.make_results --check    # exit 1 if docs/results.md differs from what the JSONs give
+    python tools/make_results.py            # (re)write docs/results.md and README's verdict table
+    python -m tools.make_results --check    # exit 1 if either differs from what the JSONs give
 
 Every figure's JSON (written by ``diffsteer figures``) holds ``figure``, ``description``, ``quick``,
 ``wall_time_s`` and ``data``; newer ones may also hold ``settings``/``config``, ``verdicts`` and
-``threads``. Per figure the page shows its description, settings, the key numbers and any verdicts.
+``threads``. Per figure the page shows its description, settings, the key numbers and its verdicts (a
+table claim | verdict | numbers | regime | budget from the JSON's top-level ``verdicts``).
+
+README.md's table of verdicts, between the markers ``<!-- verdicts:begin -->`` and ``<!-- verdicts:end -->``,
+has one row per verdict of every figure in ``paper_figs/``, and a column saying whether the run at the
+default (reduced) settings, ``paper_figs/default/<figure>.json``, reaches the same leading verdict word
+("holds", "does not hold", "holds only when") for the same claim.
 Known figures have a renderer below that picks their key numbers into tables; any other figure gets a
 generic listing of the scalars in its data. The short notes in ``NOTES`` explain how to read a figure;
 they hold no measured numbers (those come from the JSONs only).
@@ -23,6 +29,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIG_DIR = ROOT / "paper_figs"
 OUT = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+DEFAULT_DIR = "default"  # the default-settings run's JSONs, inside the figures folder
+BEGIN, END = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"
+#: README's verdict rows are grouped by paper, in this order (by the claim's start), then in page order
+PAPERS = ("Theory", "Gradient guidance", "CTRL", "DRaFT")
+#: the words a verdict starts with (theory.registry.VERDICT_WORDS; longest first)
+VERDICT_WORDS = ("holds only when", "does not hold", "holds")
+VERDICT_KEYS = ("claim", "verdict", "numbers", "regime", "budget")
+NUMBERS_SHOWN = 120  # characters of a verdict's numbers in README's table (docs/results.md has them all)
 SETTINGS_SHOWN = 40  # settings listed per figure (the JSON holds them all)
 
 #: (name prefix, section title), in page order; figures matching no prefix go last.
@@ -527,6 +542,11 @@ def _settings(doc) -> dict:
 
 
 def _verdicts(doc) -> list[str]:
+    """The figure's verdicts: a table when the JSON's top-level ``verdicts`` is the registry's list of verdict
+    dicts, else a bullet list of whatever verdicts the JSON or its data holds (older JSONs)."""
+    if _verdict_list(doc):
+        return table(["claim", "verdict", "numbers", "regime", "budget"],
+                     [[v[k] for k in VERDICT_KEYS] for v in _verdict_list(doc)])[:-1]
     v = doc.get("verdicts", doc.get("data", {}).get("verdicts"))
     if v is None:
         v = doc.get("verdict", doc.get("data", {}).get("verdict"))
@@ -549,10 +569,25 @@ def _verdicts(doc) -> list[str]:
     return out
 
 
+def _verdict_list(doc) -> list[dict]:
+    """The JSON's top-level verdicts when they are the registry's list of verdict dicts, else []."""
+    v = doc.get("verdicts") if isinstance(doc, dict) else None
+    if isinstance(v, list) and v and all(isinstance(x, dict) and all(isinstance(x.get(k), str) for k in VERDICT_KEYS)
+                                         for x in v):
+        return v
+    return []
+
+
+def verdict_word(verdict: str) -> str:
+    """The leading word of a verdict ("holds", "does not hold", "holds only when"), or "?" if none."""
+    return next((w for w in VERDICT_WORDS if verdict.startswith(w)), "?")
+
+
 def render_figure(doc: dict, fig_dir: Path) -> list[str]:
     name = doc.get("figure", "?")
     data = doc.get("data", {})
-    mode = "quick settings" if doc.get("quick") else "full settings"
+    mode = ({"default": "default (reduced) settings", "full": "full settings"}.get(doc.get("settings"))
+            or ("quick settings" if doc.get("quick") else "full settings"))
     wall = doc.get("wall_time_s")
     head = [f"### `{name}`", ""]
     png = fig_dir / f"{name}.png"
@@ -569,7 +604,7 @@ def render_figure(doc: dict, fig_dir: Path) -> list[str]:
         head += [NOTES[name], ""]
     verdicts = _verdicts(doc)
     if verdicts:
-        head += ["**Verdicts**", ""] + verdicts + [""]
+        head += ["**Verdicts on the papers' claims**", ""] + verdicts + [""]
     body = []
     fn = RENDERERS.get(name)
     if fn is not None:
@@ -588,12 +623,28 @@ def render_figure(doc: dict, fig_dir: Path) -> list[str]:
     return head + body
 
 
-def render(fig_dir: Path = FIG_DIR) -> str:
+def _load(fig_dir: Path) -> list[dict]:
     docs = []
-    for p in sorted(fig_dir.glob("*.json")):
+    for p in sorted(Path(fig_dir).glob("*.json")):
         doc = json.loads(p.read_text())
         doc.setdefault("figure", p.stem)
         docs.append(doc)
+    return docs
+
+
+def _grouped(docs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """(section title, its figures) in page order: by the SECTIONS prefixes, then the rest."""
+    out, placed = [], set()
+    for prefix, title in SECTIONS + [("", "Other figures")]:
+        group = [d for d in docs if d["figure"].startswith(prefix) and d["figure"] not in placed]
+        if group:
+            placed.update(d["figure"] for d in group)
+            out.append((title, group))
+    return out
+
+
+def render(fig_dir: Path = FIG_DIR) -> str:
+    docs = _load(fig_dir)
     lines = [
         "# Measured results",
         "",
@@ -601,18 +652,15 @@ def render(fig_dir: Path = FIG_DIR) -> str:
         "",
         "Every number on this page is read from the JSON that `diffsteer figures` wrote next to each figure in",
         "`paper_figs/`, by `tools/make_results.py`; a test re-renders the page and fails if it is out of date.",
-        "A figure made with `--quick` says so. Wall times are those the producing run recorded, on a shared",
-        "2-core CPU machine. The mathematics behind the quantities is in [theory.md](theory.md).",
+        "Each figure says whether it holds the papers' full settings or the default (reduced) ones. Wall times",
+        "are those the producing run recorded, on a shared 2-core CPU machine. Each verdict on a paper's claim",
+        "is computed from the figure's numbers by its verdict function (thresholds in standard errors; the",
+        "criterion is stated in the verdict). The mathematics behind the quantities is in [theory.md](theory.md).",
         "",
     ]
     index = []
     body = []
-    placed = set()
-    for prefix, title in SECTIONS + [("", "Other figures")]:
-        group = [d for d in docs if d["figure"].startswith(prefix) and d["figure"] not in placed]
-        if not group:
-            continue
-        placed.update(d["figure"] for d in group)
+    for title, group in _grouped(docs):
         index.append(f"- {title}: " + ", ".join(f"`{d['figure']}`" for d in group))
         body += [f"## {title}", ""]
         for d in group:
@@ -621,21 +669,101 @@ def render(fig_dir: Path = FIG_DIR) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+# ------------------------------------------------------------------------------------------ README's verdicts
+
+
+def _strip_criterion(verdict: str) -> str:
+    """The verdict without its parenthesised "(criterion: ...)" (parentheses inside it balanced)."""
+    i = verdict.find(" (criterion:")
+    if i < 0:
+        return verdict
+    depth = 0
+    for j in range(i + 1, len(verdict)):
+        depth += {"(": 1, ")": -1}.get(verdict[j], 0)
+        if depth == 0:
+            return (verdict[:i] + verdict[j + 1:]).strip()
+    return verdict[:i].strip()
+
+
+def _split_claim(claim: str) -> tuple[str, str]:
+    """(paper, the claim itself) from "Paper (authors): the claim"."""
+    head, sep, rest = claim.partition(": ")
+    return (head, rest) if sep and len(head) < 80 else ("", claim)
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3].rstrip() + "..."
+
+
+def default_agrees(name: str, v: dict, fig_dir: Path) -> str:
+    """Whether the default-settings run (``<fig_dir>/default/<name>.json``) states the same leading verdict
+    word for the same claim: "yes", "no (default: <word>)", "no verdict" (its JSON lacks the claim) or
+    "not run" (no JSON)."""
+    p = Path(fig_dir) / DEFAULT_DIR / f"{name}.json"
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return "not run"
+    other = next((x for x in _verdict_list(doc) if x["claim"] == v["claim"]), None)
+    if other is None:
+        return "no verdict"
+    a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
+    return "yes" if a == b else f"no (default: {b})"
+
+
+def render_verdict_table(fig_dir: Path = FIG_DIR) -> str:
+    """README's verdict table: one row per verdict of every figure in ``fig_dir``, in page order."""
+    rows = []
+    for _, group in _grouped(_load(fig_dir)):
+        for doc in group:
+            name = doc["figure"]
+            for v in _verdict_list(doc):
+                paper, claim = _split_claim(v["claim"])
+                rows.append([paper, claim, _strip_criterion(v["verdict"]), _short(v["numbers"], NUMBERS_SHOWN),
+                             f"[`{name}`](docs/results.md#{name.lower()})", default_agrees(name, v, fig_dir)])
+    if not rows:
+        return "No figure in paper_figs/ states verdicts yet.\n"
+    rank = {p: i for i, p in enumerate(PAPERS)}
+    rows.sort(key=lambda r: next((rank[p] for p in PAPERS if r[0].startswith(p)), len(PAPERS)))  # stable
+    lines = table(["paper", "claim", "verdict", "numbers", "figure", "default run agrees"], rows)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_readme(text: str, fig_dir: Path = FIG_DIR) -> str:
+    """``text`` (README.md) with the verdict table between its markers replaced by a fresh rendering."""
+    i, j = text.find(BEGIN), text.find(END)
+    if i < 0 or j < i:
+        raise ValueError(f"readme: README.md needs the markers {BEGIN} and {END} (in this order) around the "
+                         "verdict table; add them where the table belongs")
+    return text[: i + len(BEGIN)] + "\n" + render_verdict_table(fig_dir) + text[j:]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Render docs/results.md from paper_figs/*.json.")
-    ap.add_argument("--check", action="store_true", help="do not write; exit 1 if docs/results.md is out of date")
+    ap = argparse.ArgumentParser(description="Render docs/results.md and README's verdict table from paper_figs/*.json.")
+    ap.add_argument("--check", action="store_true",
+                    help="do not write; exit 1 if docs/results.md or README's verdict table is out of date")
     ap.add_argument("--out", default=str(OUT), help="output file (default docs/results.md)")
+    ap.add_argument("--readme", default=str(README), help="README whose verdict table to refresh (default README.md)")
+    ap.add_argument("--figs", default=str(FIG_DIR), help="figures folder (default paper_figs/)")
     args = ap.parse_args(argv)
-    text = render(FIG_DIR)
-    out = Path(args.out)
+    fig_dir, out, readme = Path(args.figs), Path(args.out), Path(args.readme)
+    text = render(fig_dir)
+    if not readme.exists():
+        raise FileNotFoundError(f"readme: {readme} does not exist; pass --readme PATH")
+    old_readme = readme.read_text()
+    new_readme = render_readme(old_readme, fig_dir)
     if args.check:
-        if not out.exists() or out.read_text() != text:
-            print(f"{out} is out of date: run python tools/make_results.py", file=sys.stderr)
+        stale = [str(p) for p, ok in ((out, out.exists() and out.read_text() == text), (readme, old_readme == new_readme))
+                 if not ok]
+        if stale:
+            print(f"{' and '.join(stale)} out of date: run python tools/make_results.py", file=sys.stderr)
             return 1
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(f"wrote {out} ({text.count(chr(10))} lines)")
+    if new_readme != old_readme:
+        readme.write_text(new_readme)
+    print(f"wrote {out} ({text.count(chr(10))} lines) and the verdict table of {readme}")
     return 0
 
 
