@@ -96,6 +96,66 @@ def test_results_renderer_falls_back_for_an_unknown_figure(tmp_path):
     assert "| `ratio` | 1.25 |" in text and "`D` = (2, 8)" in text
 
 
+def test_readme_verdict_table_is_rendered_from_the_current_jsons():
+    """README's verdict table (between its markers) equals a fresh rendering (fix: ``python tools/make_results.py``)."""
+    mr = _make_results()
+    text = (ROOT / "README.md").read_text()
+    assert text == mr.render_readme(text, mr.FIG_DIR), "README's verdict table is out of date: run python tools/make_results.py"
+
+
+def _verdict_doc(name, words, settings="full"):
+    return {"figure": name, "description": "d", "quick": settings == "default", "settings": settings, "wall_time_s": 1.0,
+            "verdicts": [{"claim": f"Paper (A et al.): claim {i}", "verdict": f"{w} (criterion: x (y) within 2 se)",
+                          "numbers": "1.5 +- 0.2 (3 seeds)", "regime": "toy", "budget": "10 queries"}
+                         for i, w in enumerate(words)],
+            "data": {"x": 1.0}}
+
+
+def test_verdicts_render_per_figure_and_in_readme_with_the_default_run(tmp_path):
+    """A figure's verdicts appear as a table on the results page and as rows of README's table, whose last
+    column compares the leading verdict word with the default run's for the same claim ("not run" without
+    it); the criterion is left to the results page."""
+    import json
+
+    mr = _make_results()
+    (tmp_path / "claims_x.json").write_text(json.dumps(_verdict_doc("claims_x", ["holds", "does not hold", "holds"])))
+    page = mr.render(tmp_path)
+    assert "| claim | verdict | numbers | regime | budget |" in page
+    assert "| Paper (A et al.): claim 1 | does not hold (criterion: x (y) within 2 se) | 1.5 +- 0.2 (3 seeds) |" in page
+    readme = f"# r\n\n{mr.BEGIN}\nSTALE ROW\n{mr.END}\nrest\n"
+    new = mr.render_readme(readme, tmp_path)
+    assert "STALE ROW" not in new and new.endswith(f"{mr.END}\nrest\n")
+    assert "| Paper (A et al.) | claim 0 | holds | 1.5 +- 0.2 (3 seeds) | [`claims_x`](docs/results.md#claims_x) | not run |" in new
+    (tmp_path / "default").mkdir()
+    (tmp_path / "default" / "claims_x.json").write_text(json.dumps(
+        _verdict_doc("claims_x", ["holds only when D >= 8", "does not hold"], settings="default")))
+    rows = [r for r in mr.render_readme(readme, tmp_path).splitlines() if "claims_x" in r]
+    assert [r.rsplit("|", 2)[1].strip() for r in rows] == ["no (default: holds only when)", "yes", "no verdict"]
+    with pytest.raises(ValueError, match="markers"):
+        mr.render_readme("# no markers\n", tmp_path)
+
+
+def test_check_fails_when_readme_or_results_page_is_stale(tmp_path):
+    """``make_results --check`` exits 1 when the README block or the results page differs from a fresh
+    rendering, 0 after a write."""
+    import json
+
+    mr = _make_results()
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "claims_x.json").write_text(json.dumps(_verdict_doc("claims_x", ["holds"])))
+    readme, page = tmp_path / "README.md", tmp_path / "results.md"
+    readme.write_text(f"{mr.BEGIN}\n{mr.END}\n")
+    args = ["--figs", str(figs), "--readme", str(readme), "--out", str(page)]
+    assert mr.main(args + ["--check"]) == 1  # neither written yet
+    assert mr.main(args) == 0 and mr.main(args + ["--check"]) == 0
+    readme.write_text(readme.read_text().replace("| holds |", "| does not hold |"))
+    assert mr.main(args + ["--check"]) == 1  # README's block stale
+    mr.main(args)
+    page.write_text(page.read_text() + "edited\n")
+    assert mr.main(args + ["--check"]) == 1  # results page stale
+
+
 @pytest.mark.parametrize("page", _md_pages(), ids=lambda p: p.name)
 def test_links_between_pages_resolve(page):
     """Every relative link of README and docs/*.md points at an existing file, and every #anchor at a heading."""
