@@ -133,7 +133,7 @@ def convergence(data: dict) -> list[dict]:
         wp.append(f"{name}: {pm(m, s, n)} (max {num(v['bounds']['global_max'])}), tail moved {num(100 * rel, 2)} %")
         b, sb, npts = _loglog_slope(v["f_mean"]["mean"])
         ok_r[name] = math.isfinite(b) and not beyond(b + 1.0, sb)
-        wr.append(f"{name}: slope {pm(b, sb)} over {npts} rounds" if math.isfinite(b) else
+        wr.append(f"{name}: slope {pm(b, sb)} (least-squares se) over {npts} rounds" if math.isfinite(b) else
                   f"{name}: at the plateau within {npts} rounds (too few to fit)")
     exact = {k: v for k, v in runs.items() if "max_excess_over_best_on_span" in v}
     regime = f"subspace data, f1 (theta_1, theta_2) and f2 (b_1, b_2), exact and trained score{_settings(data)}"
