@@ -78,11 +78,11 @@ def _gauss(dtype):
 
 
 def train_ctrl(model: SteeredModel, reward, ctrl: CTRLConfig, toy: ToyConfig = ToyConfig(), strategy=None,
-               progress: bool = False):
+               progress: bool = False, callback=None):
     """CTRL planning (Algorithm 1) through the engine: reward r = log p_phi(y|x0), lam = 1 / gamma, DDIM
     eta = 1 on ``ctrl.n_steps`` steps, gradients through the whole chain (``DRaFT()``) or the last k
     (``DRaFTK(k)``); ``strategy`` overrides (e.g. ``DDPO()`` for a non-differentiable reward).
-    Returns the engine's History."""
+    ``callback(step, row)``: passed to ``finetune`` (e.g. learning curves). Returns the engine's History."""
     gamma = check_gamma(ctrl.gamma)
     if strategy is None:
         strategy = DRaFT() if ctrl.k is None else DRaFTK(ctrl.k)
@@ -92,7 +92,7 @@ def train_ctrl(model: SteeredModel, reward, ctrl: CTRLConfig, toy: ToyConfig = T
                          progress=progress)
     ts = grid_times(toy, ctrl.n_steps)
     return finetune(model, schedule(toy), reward, strategy, cfg, x_T_sampler=_gauss(dtype),
-                    cond_sampler=uniform_cond_sampler(model.n_labels), ts=ts)
+                    cond_sampler=uniform_cond_sampler(model.n_labels), ts=ts, callback=callback)
 
 
 @torch.no_grad()
