@@ -479,6 +479,7 @@ def replot_figures(names: Sequence[str], out: str | Path,
                 fig = spec.draw(rec["data"])
             except KeyError as e:
                 failed[name] = f"its JSON lacks {e} (written by an older version); recompute it"
+                log(f"{name}: not re-drawn: {failed[name]}")
                 continue
             atomic_write_bytes(out / f"{name}.png", _png(fig))
             if spec.verdicts is not None:  # the verdicts follow the verdict function's current wording
