@@ -14,6 +14,7 @@ FIGURE_MODULES = [
     "sims.ctrl_toy.figures",
     "sims.draft_toy.figures",
     "sims.claims.figures",
+    "sims.claims.ctrl_scalar",
     "sims.claims.ctrl_convergence",
 ]
 
