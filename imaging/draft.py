@@ -793,8 +793,12 @@ def verdicts_compare(data: dict) -> list[dict]:
         elif word == "holds only when":
             verdict = f"holds only when trained on {', '.join(good)}"
         else:
+            slower = all(_num(lvl["ratio_mean"]) + Z * _num(lvl["ratio_se"]) < 1 and
+                         {x["bound"] for x in lvl["seeds"]} <= {"=", "<="} for lvl in
+                         (_level(c["lv_vs_refl"]["diff_queries"]) for c in cl.values() if c.get("lv_vs_refl")) if lvl)
             verdict = ("does not hold: per reward query DRaFT-LV is "
-                       + ("short of 2x ReFL's speed" if not unresolved else "not resolved from ReFL's speed")
+                       + ("slower than ReFL (> 2 se below 1x)" if slower and not unresolved else
+                          "short of 2x ReFL's speed" if not unresolved else "not resolved from ReFL's speed")
                        + " on " + ", ".join(cells))
         if unresolved and word != "does not hold":
             verdict += f" (not resolved at {n} seed(s) on {', '.join(unresolved)})"
@@ -861,15 +865,25 @@ def verdicts_diversity(data: dict) -> list[dict]:
         nums.append(f"{name(r)}: {_pm(r['judge_diversity'], r.get('judge_diversity_se'))} ({d:+.3g} +- {se:.2g} over "
                     f"lam = 0; compress {_pm(r['compress'], r.get('compress_se'), 1e3, 4)}; path KL "
                     f"{_num(r.get('kl_last')):.3g})")
+    if all("pixel_diversity" in r for r in [pre, *runs]):
+        nums.append("pixel diversity (not the verdict's measure): " + ", ".join(
+            f"{'pre-trained' if r is pre else name(r)} {_pm(r['pixel_diversity'], r.get('pixel_diversity_se'))}"
+            for r in [pre, *runs]))
     n = len(cfg["seeds"])
     budget = f"{cfg['div_budget']} reward queries per run, {n} seed(s) per setting"
     regime = (f"{cfg['div_method']} on {cfg['div_reward']}, eta {cfg['div_eta']}; diversity = mean pairwise distance "
               f"of the judge's features among {cfg['div_per_prompt']} samples of each of {cfg['div_prompts']} prompts; "
               + _regime(cfg))
+    per_seed = [_num(r["judge_diversity"]) for r in data.get("runs_by_seed", [])
+                if _num(r["lam"]) == 0 and _num(r["eps_penalty"]) == 0]
+    if len(per_seed) > 1:
+        nums.insert(1, "lam = 0 per seed: " + ", ".join(f"{x:.3g}" for x in per_seed))
     if not (math.isfinite(bse) and lost > Z * bse):
-        verdict = (f"does not hold as a measured effect: without the KL term diversity changed by {-lost:+.3g} "
-                   + (f"(se {bse:.2g}, over seeds), not a fall of > {Z:g} se" if math.isfinite(bse) else
-                      "(no se: one seed)") + ", so there is no loss for the KL term to prevent")
+        good = [k for k, ok in cells.items() if ok]
+        verdict = (f"does not hold as resolved at {n} seed(s): without the KL term diversity changed by {-lost:+.3g} "
+                   + (f"+- {bse:.2g} (se over seeds), not a fall of > {Z:g} se" if math.isfinite(bse) else
+                      "(no se: one seed)") + ", so there is no resolved loss for the KL term to prevent; settings "
+                   f"above lam = 0 by > {Z:g} se: {', '.join(good) if good else 'none'}")
     else:
         word, good = _join(cells, "setting")
         verdict = {"holds": f"holds: every KL / eps-penalty setting keeps more diversity than lam = 0 (> {Z:g} se)",
@@ -947,8 +961,11 @@ def verdicts_lora(data: dict) -> list[dict]:
                     f"sum - {rb} alone {d2 * 1e3:+.3g} +- {e2 * 1e3:.2g}")
     if mix:
         word, good = _join(mix, "pair")
+        bad = [k for k in mix if k not in good]
         verdict = {"holds": f"holds: the sum's reward lies between the two adapters' own for every pair (> {Z:g} se)",
-                   "holds only when": f"holds only when for adapter pairs {good} of {len(mix)} (seeds); not for the others",
+                   "holds only when": f"holds only when the adapter pair is number {', '.join(map(str, good))} of {len(mix)} "
+                                      f"(one pair per seed): for pair {', '.join(map(str, bad))} the sum's reward is not "
+                                      f"between the two adapters' own by > {Z:g} se",
                    "does not hold": f"does not hold: no pair's sum lies between the two adapters' rewards by > {Z:g} se"}[word]
         out.append({"claim": "Summing two LoRA adapters trained on different rewards mixes their rewards (DRaFT "
                              "paper, Clark et al., LoRA mixing)", "verdict": verdict, "numbers": "; ".join(nums),

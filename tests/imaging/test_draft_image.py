@@ -314,7 +314,7 @@ def test_verdicts_diversity_follow_the_numbers():
     v = draft.verdicts_diversity(_div_data([14, 14.5, 20, 14.2]))[0]["verdict"]
     assert v.startswith("holds only when lam = 0.01 ") and "lam = 0.001" in v.split("not for")[1]
     assert verdict_word(draft.verdicts_diversity(_div_data([14, 14.5, 14, 14.2]))[0]["verdict"]) == "does not hold"
-    assert "no loss" in draft.verdicts_diversity(_div_data([20, 20, 20, 20], lost=False))[0]["verdict"]
+    assert "no resolved loss" in draft.verdicts_diversity(_div_data([20, 20, 20, 20], lost=False))[0]["verdict"]
 
 
 def _lora_data(per_scale, mix_vals):
