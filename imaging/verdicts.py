@@ -18,20 +18,24 @@ CLAIM_GG_RUNTIME = (f"{GG}: a G_loss pass costs one forward and one vector-Jacob
                     "unguided passes")
 
 
-def _accuracy_verdicts(acc: dict, n: int, pre: str, dps: str, regime: str, budget: str, what: str) -> list[dict]:
+def _accuracy_verdicts(acc: dict, n: int, pre: str, dps: str, regime: str, budget: str, what: str,
+                       exact: frozenset = frozenset()) -> list[dict]:
     """Both CTRL verdicts from {method: accuracy} measured on n samples each: every method whose name
-    starts with "CTRL" against ``pre`` and against ``dps`` (difference beyond Z binomial se)."""
+    starts with "CTRL" against ``pre`` and against ``dps`` (difference beyond Z binomial se). A reference
+    named in ``exact`` has no sampling error (its accuracy is fixed by the design, see ``ctrl_digits``):
+    the se of the difference is then the variant's binomial se alone."""
     variants = {k: float(v) for k, v in acc.items() if k.startswith("CTRL")}
     out = []
     for claim, ref in ((CLAIM_CTRL_PRE, pre), (CLAIM_CTRL_DPS, dps)):
         a0 = float(acc[ref])
         ok, words = {}, []
         for k, a in variants.items():
-            se = math.hypot(binom_se(a, n), binom_se(a0, n))
+            se = math.hypot(binom_se(a, n), 0.0 if ref in exact else binom_se(a0, n))
             ok[k] = beyond(a - a0, se)
             words.append(f"{k} {num(a)} ({pm(a - a0, se)} over {ref})")
+        note = (f"; {ref}'s accuracy is exactly 1/K by design, no se" if ref in exact else "")
         out.append(verdict(claim, f"{by_condition(ok, 'variant')} (criterion: {what} above {ref}'s {num(a0)} by "
-                                  f"{num(Z)} binomial se, {n} samples each)", "; ".join(words), regime, budget))
+                                  f"{num(Z)} binomial se, {n} samples each{note})", "; ".join(words), regime, budget))
     return out
 
 
@@ -53,7 +57,13 @@ def ctrl_digits(data: dict) -> list[dict]:
     budget = (f"{c.get('steps', '?')} fine-tuning steps of batch {c.get('batch_size', '?')}, LoRA rank "
               f"{c.get('lora_rank', '?')}; {n} evaluation samples per method; 1 seed")
     acc = {k: v["accuracy"] for k, v in m.items() if isinstance(v, dict) and "accuracy" in v}
-    return _accuracy_verdicts(acc, n, "pre-trained", dps, regime, budget, "accuracy")
+    # The pre-trained model ignores the requested class and is drawn once on the noise every class shares
+    # (``imaging.ctrl.compare``): each of its samples lands in exactly one class, so its accuracy is exactly
+    # 1/K whatever the samples - a constant, not an estimate. Its confusion rows are then identical; only
+    # then is its binomial se dropped from the difference.
+    conf = m["pre-trained"]["confusion"]
+    exact = frozenset({"pre-trained"}) if all(row == conf[0] for row in conf) else frozenset()
+    return _accuracy_verdicts(acc, n, "pre-trained", dps, regime, budget, "accuracy", exact)
 
 
 def digits_ctrl(data: dict) -> list[dict]:
