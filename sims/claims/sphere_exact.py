@@ -171,7 +171,8 @@ def theta_of(cfg: SphereConfig) -> torch.Tensor:
 
 def _metrics(x, fx):
     dev = x.norm(dim=-1) - 1
-    return {"reward": float(fx.mean()), "dev_abs": float(dev.abs().mean()), "dev": float(dev.mean())}
+    return {"reward": float(fx.mean()), "dev_abs": float(dev.abs().mean()), "dev": float(dev.mean()),
+            "reward_sd": float(fx.std()), "dev_abs_sd": float(dev.abs().std())}
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,15 +192,15 @@ def run_exact(cfg: SphereConfig) -> dict:
     out = {"runs": {f"{kind}@{d}": {k: [m[k] for m in r.metrics] for k in r.metrics[0]}
                     for (kind, d), r in zip(keys, res)}}
     out["wall_s"] = time.perf_counter() - t0
-    out["pretrained"] = {k: out["runs"][f"G@{cfg.deltas[0]}"][k][0] for k in ("reward", "dev_abs")}
+    out["pretrained"] = {k: out["runs"][f"G@{cfg.deltas[0]}"][k][0] for k in ("reward", "dev_abs", "dev_abs_sd")}
     return out
 
 
 def compare(runs: dict, deltas) -> dict:
-    """Final reward and mean ||x| - 1| of G and G_loss per delta, G_loss's reward gain over G in percent
-    and its off-sphere ratio dev(G_loss) / dev(G)."""
-    fin = {kind: {k: [runs[f"{kind}@{d}"][k][-1] for d in deltas] for k in ("reward", "dev_abs")}
-           for kind in ("G", "G_loss")}
+    """Final reward and mean ||x| - 1| of G and G_loss per delta (with their sample standard deviations where
+    the runs record them), G_loss's reward gain over G in percent and its off-sphere ratio dev(G_loss) / dev(G)."""
+    keys = [k for k in ("reward", "dev_abs", "reward_sd", "dev_abs_sd") if k in runs[f"G@{deltas[0]}"]]
+    fin = {kind: {k: [runs[f"{kind}@{d}"][k][-1] for d in deltas] for k in keys} for kind in ("G", "G_loss")}
     gain = [100 * (gl - g) / abs(g) for g, gl in zip(fin["G"]["reward"], fin["G_loss"]["reward"])]
     ratio = [gl / g for g, gl in zip(fin["G"]["dev_abs"], fin["G_loss"]["dev_abs"])]
     return {"final": fin, "reward_gain_pct": gain, "dev_ratio": ratio}

@@ -12,18 +12,21 @@ CLAIM_DIM = "DRaFT (Clark et al.): gradient methods (DRaFT-1, DRaFT-LV) need few
 
 def sphere(data: dict) -> list[dict]:
     """claims_sphere: the stored trade-off verdicts (exact and learned score, from ``sphere_exact.verdict``)
-    and the front dominance of ``sims.gradguide.verdicts.dominance`` with the exact score (1 seed: no se)."""
+    and the front dominance of ``sims.gradguide.verdicts.dominance`` with the exact score (1 seed: se over the
+    batch's samples)."""
     ex, le = data["exact"], data["learned"]
     deltas = data["config"]["deltas"]
     floor = float(ex["pretrained"]["dev_abs"])
-    ok, words = dominance(ex["final"], deltas, floor)
+    ok, words = dominance(ex["final"], deltas, floor, int(data["config"]["n"]),
+                          float(ex["pretrained"].get("dev_abs_sd", "nan")))
     return [verdict(CLAIM_TRADE, f"{ex['verdict']} with the exact score (criterion: reward gain >= 0.5 % and "
                                  f"off-sphere ratio >= 1.05); learned score: {le['verdict']}",
                     f"exact score: {ex['numbers']}; learned score: {le['numbers']} (1 seed, batch means, no se)",
                     data["regime"], data["budget"]),
-            verdict(CLAIM_SPHERE, by_condition(ok, "delta") + " with the exact score (criterion: G_loss's reward >= "
-                    f"G's and its distance <= G's or <= {num(ON_SPHERE)}x the unguided sampler's {num(floor)})",
-                    "G_loss vs G, exact score, " + "; ".join(words) + " (1 seed, batch means, no se)",
+            verdict(CLAIM_SPHERE, by_condition(ok, "delta") + f" with the exact score (criterion: G's reward not above "
+                    f"G_loss's by {num(Z)} se, G_loss's distance not above G's or {num(ON_SPHERE)}x the unguided "
+                    f"sampler's {num(floor)} by {num(Z)} se)",
+                    "G_loss vs G, exact score, " + "; ".join(words) + " (1 seed, batch means, se over the samples)",
                     data["regime"], data["budget"])]
 
 

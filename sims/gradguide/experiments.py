@@ -142,7 +142,7 @@ def unguided_pass_time(setup: Setup, **kw) -> float:
 @functools.lru_cache(maxsize=None)
 def run_sphere(cfg: SphereConfig) -> dict:
     """Unit-sphere front: for each delta and guidance, Algorithm 1 on theta.x (theta fixed by cfg.seed);
-    per round the reward mean and the off-support measure mean ||x| - 1|."""
+    per round the reward mean and the off-support measure mean ||x| - 1| (and their sample standard deviations)."""
     setup = Setup(D=cfg.D, n_timesteps=cfg.setup.n_timesteps, schedule=cfg.setup.schedule)
     sch = schedule_of(setup)
     model = trained_model(setup, cfg.net)
@@ -153,7 +153,8 @@ def run_sphere(cfg: SphereConfig) -> dict:
 
     def metrics(x, fx):
         dev = (x.norm(dim=-1) - 1)
-        return {"reward": float(fx.mean()), "dev_abs": float(dev.abs().mean()), "dev": float(dev.mean())}
+        return {"reward": float(fx.mean()), "dev_abs": float(dev.abs().mean()), "dev": float(dev.mean()),
+                "reward_sd": float(fx.std()), "dev_abs_sd": float(dev.abs().std())}  # sds: the verdict's se
 
     out = {"config": cfg, "runs": {}}
     t0 = time.perf_counter()
@@ -164,5 +165,5 @@ def run_sphere(cfg: SphereConfig) -> dict:
                            metrics=metrics)
             out["runs"][f"{kind}@{delta}"] = {key: [m[key] for m in res.metrics] for key in res.metrics[0]}
     out["wall_s"] = time.perf_counter() - t0
-    out["pretrained"] = {key: out["runs"][f"G@{cfg.deltas[0]}"][key][0] for key in ("reward", "dev_abs")}
+    out["pretrained"] = {key: out["runs"][f"G@{cfg.deltas[0]}"][key][0] for key in ("reward", "dev_abs", "dev_abs_sd")}
     return out

@@ -155,27 +155,48 @@ def convergence(data: dict) -> list[dict]:
     return out
 
 
-def dominance(final: dict, deltas, floor: float) -> tuple[dict, list[str]]:
-    """Per delta, whether G_loss's point dominates G's: its final reward at least G's and its mean ||x| - 1|
-    at most G's or within ON_SPHERE x the unguided sampler's ``floor`` (the discretisation's own distance,
-    where neither method has left the sphere). Returns ({delta: ok}, the numbers in words)."""
+def dominance(final: dict, deltas, floor: float, n: int, floor_sd: float) -> tuple[dict, list[str]]:
+    """Per delta, whether G_loss's point dominates G's, each axis judged beyond Z standard errors of the batch
+    means (se = the final round's sample sd / sqrt(n), the two runs' se combined as independent, which their
+    shared seed makes conservative): G's final reward is not above G_loss's by Z se, and G_loss's mean
+    ||x| - 1| is not above the larger of G's and ON_SPHERE x the unguided sampler's ``floor`` (the
+    discretisation's own distance, where neither method has left the sphere; its se from ``floor_sd``) by Z se.
+    Without the standard errors two batch means that differ by noise alone would decide it (at small delta
+    G and G_loss are the same sampler). ``final[kind]`` holds per delta "reward", "dev_abs", "reward_sd",
+    "dev_abs_sd". Returns ({delta: ok}, the numbers in words)."""
+    if not all("reward_sd" in final[k] and "dev_abs_sd" in final[k] for k in ("G", "G_loss")):
+        raise ValueError("data: the sphere runs record no per-sample sd (reward_sd, dev_abs_sd), written by an older "
+                         "version; recompute the figure")
+    root = math.sqrt(n)
     ok, words = {}, []
     for i, d in enumerate(deltas):
-        rg, rl = float(final["G"]["reward"][i]), float(final["G_loss"]["reward"][i])
-        dg, dl = float(final["G"]["dev_abs"][i]), float(final["G_loss"]["dev_abs"][i])
-        ok[num(d)] = rl >= rg and (dl <= dg or dl <= ON_SPHERE * floor)
-        words.append(f"delta {num(d)}: reward {num(rl)} vs {num(rg)}, off-sphere {num(dl)} vs {num(dg)}")
+        g, gl = final["G"], final["G_loss"]
+        rg, rl, dg, dl = (float(x[k][i]) for x, k in ((g, "reward"), (gl, "reward"), (g, "dev_abs"), (gl, "dev_abs")))
+        se_r = math.hypot(float(g["reward_sd"][i]), float(gl["reward_sd"][i])) / root
+        thr, thr_sd = (dg, float(g["dev_abs_sd"][i])) if dg >= ON_SPHERE * floor else \
+            (ON_SPHERE * floor, ON_SPHERE * floor_sd)
+        se_d = math.hypot(float(gl["dev_abs_sd"][i]), thr_sd) / root
+        ok[num(d)] = not beyond(rg - rl, se_r) and not beyond(dl - thr, se_d)
+        words.append(f"delta {num(d)}: reward {num(rl)} vs {num(rg)} (G - G_loss {pm(rg - rl, se_r)}), off-sphere "
+                     f"{num(dl)} vs {num(dg)} (G_loss over max(G, {num(ON_SPHERE)}x floor) {pm(dl - thr, se_d)})")
     return ok, words
 
 
 def sphere(data: dict) -> list[dict]:
-    """gg_sphere: the front dominance of ``dominance`` per delta (one seed, batch means: no se)."""
+    """gg_sphere: the front dominance of ``dominance`` per delta (one seed; se over the batch's samples)."""
     c = data["config"]
+    deltas = data["deltas"]
+    curves = data["curves"]
+    final = {kind: {k: [curves[f"{kind}@{d}"].get(k, [math.nan])[-1] for d in deltas]
+                    for k in ("reward", "dev_abs", "reward_sd", "dev_abs_sd") if k in curves[f"{kind}@{deltas[0]}"]}
+             for kind in ("G", "G_loss")}
     floor = float(data["pretrained"]["dev_abs"])
-    ok, words = dominance(data["final"], data["deltas"], floor)
-    return [verdict(CLAIM_SPHERE, by_condition(ok, "delta") + " (criterion: G_loss's reward >= G's and its distance "
-                    f"<= G's or <= {num(ON_SPHERE)}x the unguided sampler's {num(floor)})",
-                    "G_loss vs G, " + "; ".join(words) + f" (1 seed, batch means of {c['n']}, no se)",
+    floor_sd = float(curves[f"G@{deltas[0]}"].get("dev_abs_sd", [math.nan])[0])
+    ok, words = dominance(final, deltas, floor, int(c["n"]), floor_sd)
+    return [verdict(CLAIM_SPHERE, by_condition(ok, "delta") + f" (criterion: G's reward not above G_loss's by {num(Z)} se, "
+                    f"G_loss's distance not above G's or {num(ON_SPHERE)}x the unguided sampler's {num(floor)} by "
+                    f"{num(Z)} se)",
+                    "G_loss vs G, " + "; ".join(words) + f" (1 seed, batch means of {c['n']}, se over the samples)",
                     f"unit sphere in D = {c['D']}, learned score, objective theta.x{_settings(data)}",
                     f"{c['rounds']} rounds of {c['n']} chains, {c['n_steps']} sampler steps per delta")]
 

@@ -98,6 +98,47 @@ def test_ctrl_target_verdict_flips_with_the_kl_gap():
     assert far[0]["verdict"].startswith("does not hold") and far[1]["verdict"].startswith("does not hold")
 
 
+def _sphere_final(rl, dl, sd_r=0.1, sd_d=0.05, rg=0.5, dg=0.1):
+    """One delta of the sphere front: G at (reward rg, distance dg), G_loss at (rl, dl), per-sample sds."""
+    return {"G": {"reward": [rg], "dev_abs": [dg], "reward_sd": [sd_r], "dev_abs_sd": [sd_d]},
+            "G_loss": {"reward": [rl], "dev_abs": [dl], "reward_sd": [sd_r], "dev_abs_sd": [sd_d]}}
+
+
+def test_sphere_dominance_is_judged_beyond_the_standard_errors():
+    """n = 100 samples, per-sample sd 0.1 (reward) and 0.05 (distance): se of a difference 0.014 and 0.0071.
+    A reward 0.01 below G's and a distance 0.01 above it (within 2 se) do not break dominance; 0.05 lower
+    reward or 0.03 more distance (beyond 2 se) do; a distance within 1.05x the unguided floor passes."""
+    from sims.gradguide.verdicts import dominance
+
+    def ok(**kw):
+        return dominance(_sphere_final(**kw), [0.1], floor=0.05, n=100, floor_sd=0.05)[0]["0.1"]
+
+    assert ok(rl=0.49, dl=0.11)
+    assert not ok(rl=0.45, dl=0.1)
+    assert not ok(rl=0.5, dl=0.13)
+    assert ok(rl=0.5, dl=0.0525, dg=0.02)  # G closer, but G_loss within 1.05x the floor
+    with pytest.raises(ValueError, match="recompute"):
+        dominance({k: {"reward": [0.5], "dev_abs": [0.1]} for k in ("G", "G_loss")}, [0.1], 0.05, 100, 0.05)
+
+
+def test_truncation_verdict_leaves_out_the_untruncated_chain():
+    """DRaFT-K with K = the sampler's steps is full DRaFT: it is reported, not judged, so DRaFT-50's ratio 1
+    does not turn "does not hold" into "holds only when method in {DRaFT-50}"."""
+    from sims.draft_toy.verdicts import CLAIM_TRUNC, compare
+
+    def claim(per_seed):
+        return {"levels": [{"fraction": 0.5, "per_seed": per_seed}]}
+
+    slow = [0.85, 0.86, 0.87]
+    data = {"curves": {"DRaFT": [[], [], []]}, "config": {"pretrain": {"n_steps": 50}, "train": {}},
+            "claims": {"truncation_vs_full": {"DRaFT-1": claim(slow), "DRaFT-50": claim([1.0, 1.0, 1.0])}}}
+    v = next(x for x in compare(data) if x["claim"] == CLAIM_TRUNC)
+    assert v["verdict"].startswith("does not hold") and "DRaFT-50" in v["numbers"]
+    data["claims"]["truncation_vs_full"]["DRaFT-5"] = claim([0.99, 1.01, 1.0])
+    v = next(x for x in compare(data) if x["claim"] == CLAIM_TRUNC)
+    assert v["verdict"].startswith("holds only when method in {DRaFT-5}")
+
+
 # --- the standard errors and thresholds ------------------------------------------------------------------------
 
 
