@@ -61,7 +61,11 @@ class DigitsConfig:
     seed: int = 0
 
 
-QUICK = DigitsConfig(dsm_steps=3000, clf_steps=800, ft_steps=60, ft_batch=30, n_eval=20)
+#: the default (reduced) settings. Fine-tuning: 200 Adam steps of batch 10 (2,000 samples). 60 steps of batch 30
+#: (1,800 samples) left the time-embedding variant at the pre-trained model's judged accuracy (0.095 vs 0.09),
+#: where the full run reaches 0.8: its label enters through the time features and needs more updates, not
+#: more samples per update; with 200 x 10 both variants clear the pre-trained model by > 3.5 se on 200 samples.
+QUICK = DigitsConfig(dsm_steps=3000, clf_steps=800, ft_steps=200, ft_batch=10, n_eval=20)
 
 
 def load_digits(seed: int = 0):

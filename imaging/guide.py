@@ -314,6 +314,10 @@ def _decode(ctx: Context, x: torch.Tensor, batch: int) -> torch.Tensor:
 # ============================================================================ reference: reward scale and the data subspace
 
 
+#: the last few reference latents sampled in this process, by (pipeline folder, prompt, sampler, seed, sizes).
+_REFERENCE_LATENTS: dict = {}
+
+
 @torch.no_grad()
 def reference(ctx: Context, cfg: GuideConfig) -> dict:
     """``pca_n`` unguided latents (seeds disjoint from the optimiser's: seed + 1_000_003 + batch index), their
@@ -321,13 +325,24 @@ def reference(ctx: Context, cfg: GuideConfig) -> dict:
     variance (k the smallest such), the explained-variance curve."""
     from theory.solvers import sample
 
-    xs = []
-    for b, i in enumerate(range(0, cfg.pca_n, cfg.batch)):
-        n = min(cfg.batch, cfg.pca_n - i)
-        g = torch.Generator().manual_seed(cfg.seed + 1_000_003 + b)
-        xT = torch.randn(n, ctx.model.dim, generator=g)
-        xs.append(sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, generator=g).x0)
-    X = torch.cat(xs).double()
+    # The latents depend on the pipeline, prompt, sampler, seed and sizes only - not on the reward: the figures
+    # that share them (one process runs gg_image_alg1, gg_image_jpeg, gg_image_alg2 in turn) sample them once.
+    key = None if ctx.model_dir is None else (str(ctx.model_dir), cfg.prompt, cfg.guidance_scale, cfg.steps, cfg.method,
+                                              cfg.seed, cfg.pca_n, cfg.batch, cfg.dtype, cfg.image_size, str(ctx.device))
+    if key is not None and key in _REFERENCE_LATENTS:
+        X = _REFERENCE_LATENTS[key].clone()
+    else:
+        xs = []
+        for b, i in enumerate(range(0, cfg.pca_n, cfg.batch)):
+            n = min(cfg.batch, cfg.pca_n - i)
+            g = torch.Generator().manual_seed(cfg.seed + 1_000_003 + b)
+            xT = torch.randn(n, ctx.model.dim, generator=g)
+            xs.append(sample(ctx.model, ctx.schedule, xT, ctx.ts, method=cfg.method, generator=g).x0)
+        X = torch.cat(xs).double()
+        if key is not None:
+            while len(_REFERENCE_LATENTS) >= 4:  # a few (pca_n, 256) tensors at most
+                _REFERENCE_LATENTS.pop(next(iter(_REFERENCE_LATENTS)))
+            _REFERENCE_LATENTS[key] = X.clone()
     r = torch.cat([_reward_of(ctx, X[i:i + cfg.batch].float()) for i in range(0, len(X), cfg.batch)]).double()
     m = X.mean(0)
     # PCA by the SVD of the centred data (torch.linalg): the principal directions are V's rows
