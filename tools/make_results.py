@@ -340,6 +340,46 @@ def r_ctrl_toy_table(d):
     return lines
 
 
+def r_claims_ctrl_convergence(d):
+    """CTRL's learning curve and sweeps against DPS / classifier guidance (mean +- se over seeds)."""
+    s = d["summary"]
+
+    def pm(x):
+        return f"{fmt(x['mean'])} +- {fmt(x['se'])}" if isinstance(x, dict) else "-"
+
+    rows = []
+    for name in ("CTRL default budget", "CTRL equal queries", "CTRL end of curve"):
+        r = s.get(name)
+        if r:
+            rows.append([name, r["step"], r["queries"]["mean"], r["train_wall_s"]["mean"], pm(r["kl"]),
+                         pm(r["accuracy"]), pm(r["d_kl_vs_dps"]), pm(r.get("objective_gap"))])
+    for name, r in s.get("sweep end", {}).items():
+        rows.append([f"sweep end: {name}", r["step"], r["queries"]["mean"], r["train_wall_s"]["mean"], pm(r["kl"]),
+                     pm(r["accuracy"]), pm(r["d_kl_vs_dps"]), pm(r.get("objective_gap"))])
+    for name in ("DPS", "classifier guidance", "CTRL optimum (this classifier)", "exact floor"):
+        r = s[name]
+        rows.append([name + (f" ({r['zeta']})" if "zeta" in r else ""), "-", r.get("queries"),
+                     r["wall_s"]["mean"] if "wall_s" in r else None, pm(r["kl"]), pm(r["accuracy"]), "-", "-"])
+    return table(["run", "steps", "reward queries", "wall (s)", "KL to target", "accuracy", "KL - DPS",
+                  "objective gap J* - J"], rows)
+
+
+def r_claims_ctrl_scalar(d):
+    """Per setting and offline size N: CTRL (trained), CTRL's optimum with its classifier, CFG (mean +- se)."""
+    def pm(x):
+        return f"{fmt(x[0])} +- {fmt(x[1])}"
+
+    lines = []
+    for name, by_n in d["summary"].items():
+        lines += [f"*{name}*: {d['descriptions'][name]}; exact-sample floor KL {fmt(d['floors'][name]['kl'])}, "
+                  f"accuracy {fmt(d['floors'][name]['accuracy'])}.", ""]
+        rows = [[n, pm(e["ctrl"]["kl"]), pm(e["cfg"]["kl"]), pm(e["cfg_minus_ctrl_kl"]), pm(e["ctrl_optimum"]["kl"]),
+                 pm(e["ctrl"]["accuracy"]), pm(e["cfg"]["accuracy"]), pm(e["clf_accuracy"])] for n, e in by_n.items()]
+        lines += table(["N", "CTRL KL", "CFG KL", "CFG - CTRL", "CTRL optimum KL", "CTRL accuracy", "CFG accuracy",
+                        "classifier accuracy"], rows)
+    return lines
+
+
 def r_ctrl_toy_efficiency(d):
     s = d["summary"]
     rows = [[n, s["ctrl_kl_mean"][i], f"{fmt(s['ctrl_kl_min'][i])} .. {fmt(s['ctrl_kl_max'][i])}", s["cfg_kl_mean"][i],

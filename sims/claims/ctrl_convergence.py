@@ -91,7 +91,7 @@ class ConvConfig:
 
 def quick_config() -> ConvConfig:
     """Reduced settings for ``diffsteer figures --quick`` (<= 60 s on one idle thread)."""
-    return ConvConfig(curve_steps=200, sweep_steps=100, evals=(100, 200), n_eval=500, default_steps=200,
+    return ConvConfig(curve_steps=150, sweep_steps=75, evals=(50, 100, 150), n_eval=500, default_steps=150,
                       variants=(("sampler steps 50", (("n_steps", 50),)),), dps_zetas=(0.5,))
 
 
@@ -367,6 +367,10 @@ def _sig(d: dict, k: float = Z) -> int:
     return 0
 
 
+#: how the verdicts decide (appended to each verdict string)
+CRITERION = f" (criterion: KL differences to DPS's, paired over the seeds, beyond {Z:g} se)"
+
+
 def _converged(S: dict) -> tuple:
     """The best CTRL run at the end of its budget (by mean KL): the default curve's end or a variant's."""
     cands = {"default settings, end of curve": S["CTRL end of curve"]}
@@ -406,10 +410,12 @@ def verdicts(data: dict) -> list:
         v = (f"holds only when CTRL is stopped before convergence (the default {D0['step']} steps): converged "
              f"({cname}) its KL is " + ("below DPS's" if s1 < 0 else "within 2 se of DPS's"))
     else:
-        v = "does not hold: " + ("CTRL's KL is below DPS's" if s0 < 0 else "CTRL is within 2 se of DPS") + \
-            " already at the default budget"
-    out.append(dict(claim="CTRL is less accurate than DPS on the 2-D toy (ctrl_toy_table, our earlier verdict)",
-                    verdict=v, numbers=f"{row('CTRL default', D0)}; {row('CTRL ' + cname, Cv)}; {ref}",
+        v = ("does not hold: " + ("CTRL's KL is below DPS's" if s0 < 0 else "CTRL's KL is within 2 se of DPS's")
+             + f" already at the default {D0['step']} steps, and converged ({cname}) it is "
+             + ("below" if s1 < 0 else "above" if s1 > 0 else "within 2 se of") + " DPS's")
+    out.append(dict(claim=("CTRL (Zhao et al.): CTRL is less accurate than DPS on the 2-D toy (the earlier toy "
+                           "verdict of ctrl_toy_table)"),
+                    verdict=v + CRITERION, numbers=f"{row('CTRL default', D0)}; {row('CTRL ' + cname, Cv)}; {ref}",
                     regime=regime, budget=_budget(S, c, data)))
     # 2. equal reward queries
     Eq = S.get("CTRL equal queries")
@@ -420,9 +426,9 @@ def verdicts(data: dict) -> list:
             f": with the {Eq['queries']['mean'] / 1e3:.0f}k reward queries DPS spends on {n_set} samples, default "
             f"CTRL's KL is " + ("above" if se > 0 else "below" if se < 0 else "within 2 se of") + " DPS's")
         wall = [x for x in Eq["break_even_samples_wall"] if isinstance(x, (int, float))]
-        out.append(dict(claim=("at equal reward queries CTRL is less accurate than DPS (CTRL's training queries "
-                               "= DPS's sampling queries for the evaluation set)"),
-                        verdict=v, numbers=(f"{row('CTRL', Eq)}; {ref}; CTRL's training pays off in wall time after "
+        out.append(dict(claim=("CTRL (Zhao et al.): at equal reward queries (CTRL's training queries = DPS's "
+                               "sampling queries for the evaluation set) CTRL is less accurate than DPS"),
+                        verdict=v + CRITERION, numbers=(f"{row('CTRL', Eq)}; {ref}; CTRL's training pays off in wall time after "
                                             f"{_fmt(_ms(wall), 0) if wall else 'inf'} samples (DPS "
                                             f"{_fmt(dps['wall_s'], 2)} s per {n_set} samples)"),
                         regime=regime, budget=_budget(S, c, data)))
@@ -435,15 +441,18 @@ def verdicts(data: dict) -> list:
     else:
         v = (f"does not hold within the budget: the best run ({cname}) stays "
              f"{_fmt(Cv['d_kl_vs_optimum'])} above the optimum's KL")
-    out.append(dict(claim=("CTRL's fine-tuned model samples the tilted target p_phi(y|x)^gamma p(x) (CTRL paper, "
-                           "Theorem 1; here p_phi is the calibrated classifier)"),
-                    verdict=v, numbers=(f"{row('CTRL default', Dend)} (KL - optimum {_fmt(Dend['d_kl_vs_optimum'])}, "
+    pl = S.get("plateau")
+    plateau = (f"; default curve's KL change from step {pl['from_step']} to {pl['to_step']}: {_fmt(pl['d_kl'])} "
+               f"({'still falling' if _sig(pl['d_kl']) < 0 else 'plateau within 2 se'})") if pl else ""
+    out.append(dict(claim=("CTRL (Zhao et al.): CTRL's fine-tuned model samples the tilted target "
+                           "p_phi(y|x)^gamma p(x) (Theorem 1; p_phi the calibrated classifier it is trained on)"),
+                    verdict=v + CRITERION.replace("DPS's", "the optimum's (exact samples of p_phi^gamma p)"), numbers=(f"{row('CTRL default', Dend)} (KL - optimum {_fmt(Dend['d_kl_vs_optimum'])}, "
                                         f"objective gap J* - J = lam KL(P^u || P*) "
                                         f"{_fmt(Dend['objective_gap'])} nats); "
                                         f"{row('CTRL ' + cname, Cv)} (KL - optimum {_fmt(Cv['d_kl_vs_optimum'])}, "
                                         f"objective gap {_fmt(Cv['objective_gap'])}); "
                                         f"optimum KL {_fmt(opt['kl'])} (grid KL to the true target "
-                                        f"{opt['grid_kl']:.3f}), exact floor {_fmt(fl['kl'])}"),
+                                        f"{opt['grid_kl']:.3f}), exact floor {_fmt(fl['kl'])}{plateau}"),
                     regime=regime, budget=_budget(S, c, data)))
     return out
 
@@ -451,7 +460,8 @@ def verdicts(data: dict) -> list:
 def _budget(S, c, data) -> str:
     return (f"CTRL batch {c['base']['ctrl']['batch_size']}, default curve to {c['curve_steps']} steps, sweeps to "
             f"{c['sweep_steps']} steps; DPS / classifier guidance {S['DPS']['queries'] // data['n_samples']} reward "
-            f"queries per sample; wall {data['wall_s'] / 60:.1f} min for the whole figure (one thread)")
+            f"queries per sample; wall {data['wall_s'] / 60:.1f} min for the whole figure (one thread on a shared "
+            f"2-core machine: wall times are noisy)")
 
 
 # --- figure --------------------------------------------------------------------------------------------
@@ -464,9 +474,9 @@ REFS = (("DPS", "tab:orange", "--"), ("classifier guidance", "tab:cyan", "--"),
 
 
 def _curve_stats(curves: dict, key: str, x: str):
-    """Mean over seeds of ``x`` and mean / se of ``key`` at each evaluation."""
+    """Mean over seeds of ``x`` (reward queries in thousands) and mean / se of ``key`` at each evaluation."""
     cs = _by_seed(curves)
-    xs = np.mean([c[x] for c in cs], 0)
+    xs = np.mean([c[x] for c in cs], 0) / (1e3 if x == "queries" else 1.0)
     ys = np.array([c[key] for c in cs], dtype=float)
     se = ys.std(0, ddof=1) / math.sqrt(len(cs)) if len(cs) > 1 else np.zeros(ys.shape[1])
     return xs, ys.mean(0), se
@@ -500,12 +510,13 @@ def draw_figure(data: dict):
     ax = axes[0, 0]
     band(ax, "default", "kl", "queries")
     refs(ax, "kl")
-    ax.axvline(S["DPS"]["queries"], color="tab:orange", lw=0.8, ls=":")
-    ax.text(S["DPS"]["queries"], ax.get_ylim()[1], " DPS's queries\n for the eval set", fontsize=7, va="top")
-    ax.set_xlabel("CTRL training reward queries")
+    ax.axvline(S["DPS"]["queries"] / 1e3, color="tab:orange", lw=0.8, ls=":")
+    ax.text(S["DPS"]["queries"] / 1e3, ax.get_ylim()[1], "DPS's queries for\nthe eval set ", fontsize=7, va="top",
+            ha="right")
+    ax.set_xlabel("CTRL training reward queries (thousands)")
     ax.set_ylabel("KL to the exact target")
     ax.set_title("default CTRL: learning curve", fontsize=9)
-    sec = ax.secondary_xaxis("top", functions=(lambda q: q / batch, lambda s: s * batch))
+    sec = ax.secondary_xaxis("top", functions=(lambda q: q * 1e3 / batch, lambda s: s * batch / 1e3))
     sec.set_xlabel("optimisation steps", fontsize=8)
     ax.legend(fontsize=6.5)
     ax = axes[0, 1]
@@ -517,10 +528,10 @@ def draw_figure(data: dict):
     ax = axes[0, 2]
     band(ax, "default", "accuracy", "queries")
     refs(ax, "accuracy")
-    ax.set_xlabel("CTRL training reward queries")
+    ax.set_xlabel("CTRL training reward queries (thousands)")
     ax.set_ylabel("component accuracy (true p(y|x))")
     ax.set_title("default CTRL: accuracy", fontsize=9)
-    for ax, x, xl in ((axes[1, 0], "queries", "CTRL training reward queries"),
+    for ax, x, xl in ((axes[1, 0], "queries", "CTRL training reward queries (thousands)"),
                       (axes[1, 1], "train_wall_s", "CTRL training wall time (s)")):
         end = min(c["sweep_steps"], c["curve_steps"])
         for name in curves:
@@ -535,28 +546,30 @@ def draw_figure(data: dict):
         for name, col, ls in REFS[:3]:
             ax.axhline(S[name]["kl"]["mean"], color=col, ls=ls, lw=1.2)
         ax.set_xlabel(xl)
-        ax.set_ylabel("KL to the exact target")
+        ax.set_yscale("log")
+        ax.set_ylabel("KL to the exact target (log scale)")
         ax.set_title("one factor at a time (lines: DPS, CG, CTRL optimum)", fontsize=9)
         if x == "queries":
             ax.legend(fontsize=6.5, ncol=2)
     ax = axes[1, 2]
     cname, Cv = _converged(S)
-    bars = [("CTRL\ndefault\n(400 st.)", S["CTRL default budget"]), ("CTRL\nequal\nqueries", S.get("CTRL equal queries")),
+    bars = [(f"CTRL\ndefault\n({S['CTRL default budget']['step']} st.)", S["CTRL default budget"]), ("CTRL\nequal\nqueries", S.get("CTRL equal queries")),
             ("CTRL\nend of\ncurve", S["CTRL end of curve"]), ("CTRL\nbest run", Cv), ("DPS", S["DPS"]),
             ("classifier\nguidance", S["classifier guidance"]), ("CTRL\noptimum", S["CTRL optimum (this classifier)"]),
             ("exact\nfloor", S["exact floor"])]
     bars = [(n, r) for n, r in bars if r is not None]
     xs = np.arange(len(bars))
+    colour = {"DPS": "tab:orange", "classifier\nguidance": "tab:cyan", "CTRL\noptimum": "0.6", "exact\nfloor": "0.85"}
     ax.bar(xs, [r["kl"]["mean"] for _, r in bars], yerr=[r["kl"]["se"] for _, r in bars], capsize=3,
-           color=["0.3"] * 4 + ["tab:orange", "tab:cyan", "0.7", "0.9"][: len(bars) - 4])
+           color=[colour.get(n, "0.3") for n, _ in bars])
     ax.set_xticks(xs)
     ax.set_xticklabels([n for n, _ in bars], fontsize=7)
     ax.set_ylabel("KL to the exact target (+- se)")
     ax.set_title(f"best run: {cname}", fontsize=8)
     v = verdicts(data)
-    head = " | ".join(f"{i + 1}. {d['verdict']}" for i, d in enumerate(v))
-    fig.suptitle(textwrap.fill(("[quick] " if data.get("quick") else "") + head, 190), fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    head = " | ".join(f"{i + 1}. {d['verdict'].split(' (criterion:')[0]}" for i, d in enumerate(v))
+    fig.suptitle(textwrap.fill(("[quick] " if data.get("quick") else "") + head, 200), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 
