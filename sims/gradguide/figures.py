@@ -321,7 +321,9 @@ def fig_runtime(quick: bool = False) -> dict:
     data = {}
     conv = convergence_runs(quick)
     n_steps = conv["f1_theta1"].n_steps
-    reps = 2 if quick else 3
+    # best of ``reps`` passes: a default-settings pass (20 sampler steps, batch 32) lasts ~10 ms, a scheduler slice
+    # on a shared machine, so one interruption can double it; 10 repeats cost what 1 full-settings pass does
+    reps = 10 if quick else 3
     pts = {}
 
     def unguided(model, batch):
