@@ -165,6 +165,7 @@ def _data(rows):
     ({25: 0.3, 50: 0.2}, "holds ("),
     ({25: -0.2, 50: 0.0}, "does not hold"),
     ({25: 0.0, 50: 0.3, 250: 0.0}, "holds only when N in {50}"),
+    ({25: -0.3, 50: 0.0, 250: 0.2, 2500: 0.3}, "holds only when N >= 250"),
 ])
 def test_kl_verdict_follows_the_paired_differences(gaps, word):
     v = cs.verdicts(_data(_rows(gaps)))
@@ -175,14 +176,30 @@ def test_kl_verdict_follows_the_paired_differences(gaps, word):
         assert "CFG better beyond 2.0 se at N in {2500}" in v[0]["verdict"]
 
 
-def test_accuracy_and_component_verdicts():
+def test_accuracy_component_and_regime_verdicts():
+    """Accuracy: CTRL above CFG by 0.1 (seed noise 0.01) -> holds; CTRL's optimum (KL 0.2) below CFG's (0.3) ->
+    holds; component labels with CFG better by 0.3 -> does not hold; the scalar setting's advantage (0.0)
+    minus the component's (-0.3) at the shared N = 25 -> the regime verdict holds."""
     rows = _rows({25: 0.0, 50: 0.0}, acc_gap=0.1) + _rows({25: -0.3}, name="component")
     v = cs.verdicts(_data(rows))
-    assert [x["claim"].split(": ")[-1] for x in v] == ["KL to the exact target", "label accuracy",
-                                                      "at CTRL's optimum with its classifier (converged)", "KL"]
+    check_verdicts("claims_ctrl_scalar", v)
+    assert [x["claim"].split(": ")[-1] for x in v[:4]] == ["KL to the exact target", "label accuracy",
+                                                          "at CTRL's optimum with its classifier (converged)", "KL"]
     assert v[1]["verdict"].startswith("holds (")
-    assert v[2]["verdict"].startswith("holds (")  # optimum 0.2 below CFG's 0.3
+    assert v[2]["verdict"].startswith("holds (")
     assert v[3]["verdict"].startswith("does not hold") and "CFG better" in v[3]["verdict"]
+    assert "component labels" in v[4]["claim"] and v[4]["verdict"].startswith("holds (")
+    assert "N=25:" in v[4]["numbers"] and "N=50" not in v[4]["numbers"]  # only the sizes run in both settings
+    flipped = cs.verdicts(_data(_rows({25: -0.3}) + _rows({25: 0.0}, name="component")))
+    assert flipped[-1]["verdict"].startswith("does not hold") and "smaller beyond" in flipped[-1]["verdict"]
+
+
+def test_accuracy_verdict_flags_cfg_above_the_exact_samples():
+    rows = _rows({25: 0.0})
+    for r in rows:
+        r["cfg"]["accuracy"] = 0.97 + 0.001 * r["seed"]
+    v = cs.verdicts(_data(rows))[1]
+    assert "above the exact samples' (0.9)" in v["verdict"] and "N in {25}" in v["verdict"]
 
 
 # --- a tiny end-to-end run ----------------------------------------------------------------------------------------
@@ -202,6 +219,6 @@ def test_tiny_sweep_runs_and_its_figure_data_round_trips(tmp_path, monkeypatch):
     data = json.loads(json.dumps(to_jsonable({"config": cfg, "quick": True, **res,
                                               "summary": cs.summarise(res["rows"])})))
     v = check_verdicts("claims_ctrl_scalar", cs.verdicts(data))
-    assert len(v) == 4
+    assert len(v) == 5  # N = 10 is run in both settings: the regime comparison is made
     fig = cs.draw_figure(data)
     assert len(fig.axes) == 4
