@@ -155,7 +155,10 @@ def train_dsm(model: nn.Module, schedule: NoiseSchedule, data: Union[torch.Tenso
 def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable[[nn.Module], object]) -> nn.Module:
     """Return ``build()`` with weights loaded from the cache entry for (name, key), training it with
     ``train(model)`` and saving it (atomically, safetensors) on a miss. ``key`` must describe every
-    setting that changes the weights (data, architecture, training config, seed)."""
+    setting that changes the weights (data, architecture, training config, seed).
+
+    Training runs under ``torch.random.fork_rng``: the global random state after this call is the same on a
+    miss (trained now) as on a hit (loaded), so what a caller draws next does not depend on the cache."""
     from safetensors.torch import load_file
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -164,6 +167,7 @@ def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    train(model)
+    with torch.random.fork_rng(devices=[]):
+        train(model)
     atomic_save_tensors(model.state_dict(), path)
     return model.eval()

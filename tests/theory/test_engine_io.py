@@ -58,3 +58,25 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     assert torch.equal(load_file(str(path))["t"], torch.zeros(3))
     assert os.listdir(tmp_path) == ["p.safetensors"]
+
+
+def test_cached_network_leaves_the_global_random_state_as_a_cache_hit_does(tmp_path, monkeypatch):
+    """theory.nets.cached: training on a miss must not advance torch's global generator, so whatever is
+    drawn after the call is the same whether the network was trained now or loaded from the cache."""
+    import torch
+    from torch import nn
+
+    from theory.nets import cached
+
+    monkeypatch.setenv("DIFFSTEER_CACHE", str(tmp_path))
+
+    def train(m):
+        with torch.no_grad():
+            m.weight.add_(torch.randn_like(m.weight))  # consumes the global generator
+
+    after = []
+    for _ in range(2):  # a miss, then a hit
+        torch.manual_seed(123)
+        net = cached("zz_rng", {"v": 1}, lambda: nn.Linear(3, 2), train)
+        after.append((torch.randn(4), net.weight.detach().clone()))
+    assert torch.equal(after[0][0], after[1][0]) and torch.equal(after[0][1], after[1][1])
