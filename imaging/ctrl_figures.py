@@ -14,8 +14,9 @@ import json
 
 import numpy as np
 
-from theory.registry import figure
+from theory.registry import figure, needs
 
+from . import digits_pipeline as _digits_pipeline  # noqa: F401  (registers the prerequisite)
 from . import verdicts as _v
 
 __all__ = ["experiment", "QUICK_OVERRIDES", "draw_compress", "draw_multitask"]
@@ -26,6 +27,8 @@ QUICK_OVERRIDES = dict(n_offline=256, clf_steps=150, steps=16, batch_size=4, sam
                        ckpt_every=8)
 _RUNS: dict = {}
 _GRID_N = 3  # samples per class in the grid
+
+needs(__name__, "digits-pipeline")
 
 
 def experiment(quick: bool) -> dict:

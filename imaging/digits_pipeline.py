@@ -46,6 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from theory.registry import prerequisite
+
 from .cache import atomic_build, cache_root
 
 __all__ = [
@@ -519,6 +521,11 @@ def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress:
     return atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress),
                         lambda p: is_digits_pipeline(p, cfg))
 
+
+#: the figures command builds the default pipeline first in one worker while the others run figures
+#: that do not need it (theory.registry.needs); 450 s is its measured build time on one idle thread.
+prerequisite("digits-pipeline", ready=lambda: is_digits_pipeline(default_pipeline_dir()),
+             build=lambda: ensure_digits_pipeline(progress=False), cost_s=450.0)
 
 # ----------------------------------------------------------------------------- judge
 

@@ -15,13 +15,17 @@ import math
 
 import numpy as np
 
-from theory.registry import figure
+from theory.registry import figure, needs
+
+from . import digits_pipeline as _digits_pipeline  # noqa: F401  (registers the prerequisite)
 
 __all__ = ["config", "compare_data", "lora_data", "diversity_data", "draw_compare", "draw_lora", "draw_diversity",
            "verdicts_compare", "verdicts_lora", "verdicts_diversity"]
 
 _COLORS = {"DRaFT": "C0", "DRaFT-1": "C1", "DRaFT-K": "C2", "DRaFT-LV": "C3", "ReFL": "C4", "DDPO": "C7"}
 _RUNS: dict = {}
+
+needs(__name__, "digits-pipeline")
 
 
 def config(quick: bool):

@@ -19,8 +19,9 @@ import json
 
 import numpy as np
 
-from theory.registry import figure
+from theory.registry import figure, needs
 
+from . import digits_pipeline as _digits_pipeline  # noqa: F401  (registers the prerequisite)
 from . import verdicts as _v
 
 __all__ = ["QUICK", "QUICK_JPEG", "FULL", "DIGIT", "JPEG", "ALG2", "experiment", "draw"]
@@ -40,6 +41,8 @@ DIGIT = dict(reward="digit-logprob", reward_kwargs={"digit": 8}, prompt="a handw
 JPEG = dict(reward="diff-compressibility")
 #: Algorithm 2 on top of either: fresh noise every round, fine-tuning from round 0, one Adam step per round.
 ALG2 = dict(algorithm=2, noise="fresh", ft_start=0, ft_steps=1, ft_lr=1e-5)
+
+needs(__name__, "digits-pipeline")
 
 
 def experiment(quick: bool, extra: dict) -> dict:

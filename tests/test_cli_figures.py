@@ -187,7 +187,14 @@ def test_verdicts_are_checked_written_and_follow_replot(tmp_path, fake):
 
 _MOD = '''
 import os
-from theory.registry import figure
+from pathlib import Path
+
+from theory.registry import figure, needs, prerequisite
+
+MARK = Path(os.environ["ZZPAR_MARK"])
+prerequisite("zzpar-pre", ready=MARK.exists, build=lambda: MARK.write_text(str(os.getpid())), cost_s=1.0)
+if "{name}" == "zzpar_two":
+    needs(__name__, "zzpar-pre")
 
 
 def _draw(data):
@@ -210,7 +217,10 @@ def b(quick=False):
 
 
 def test_parallel_jobs_run_each_module_in_one_worker_process(tmp_path, monkeypatch):
-    """--jobs 2: two figure modules in two spawned workers; the figures of one module share a process."""
+    """--jobs 2: two figure modules in two spawned workers; the figures of one module share a process; a
+    prerequisite that one module needs is built first, once, in a worker, and the module needing it goes
+    after the one that does not."""
+    monkeypatch.setenv("ZZPAR_MARK", str(tmp_path / "built"))
     pkg = tmp_path / "src"
     pkg.mkdir()
     for m in ("zzpar_one", "zzpar_two"):
@@ -228,6 +238,11 @@ def test_parallel_jobs_run_each_module_in_one_worker_process(tmp_path, monkeypat
         assert pid["zzpar_one_a"] == pid["zzpar_one_b"] and pid["zzpar_two_a"] == pid["zzpar_two_b"]
         assert os.getpid() not in pid.values()
         assert any("on 2 processes" in s for s in logs) and any("all groups done" in s for s in logs)
+        assert any("to build zzpar-pre first" in s for s in logs) and any("built zzpar-pre" in s for s in logs)
+        assert int((tmp_path / "built").read_text()) not in (os.getpid(),)
+        assert registry._plan([["zzpar_two_a"], ["zzpar_one_a"]]) == ([], [["zzpar_two_a"], ["zzpar_one_a"]])
+        (tmp_path / "built").unlink()
+        assert registry._plan([["zzpar_two_a"], ["zzpar_one_a"]]) == (["zzpar-pre"], [["zzpar_one_a"], ["zzpar_two_a"]])
         assert registry.run_figures(names, out, quick=True, progress=False, log=_quiet, jobs=2, modules=mods) == {}
         with pytest.raises(ValueError, match="modules"):
             registry.run_figures(names, out, quick=True, progress=False, log=_quiet, jobs=2, skip_current=False)
@@ -235,6 +250,10 @@ def test_parallel_jobs_run_each_module_in_one_worker_process(tmp_path, monkeypat
         for n in list(registry.FIGURES):
             if n.startswith("zzpar_"):
                 registry.FIGURES.pop(n)
+        registry.PREREQUISITES.pop("zzpar-pre", None)
+        registry.NEEDS.pop("zzpar_two", None)
+        with pytest.raises(ValueError, match="needs: unknown"):
+            registry.needs("zzpar_two", "zzpar-pre")
 
 
 def test_makespan_hands_jobs_to_the_first_free_worker():

@@ -43,7 +43,7 @@ from .io import atomic_write_bytes, atomic_write_json, check_writable
 
 __all__ = ["FigureSpec", "FIGURES", "figure", "load", "ordered_names", "to_jsonable", "code_hash", "is_current",
            "recorded_wall_time", "check_writable", "run_figures", "replot_figures", "FIRST_PARTY", "check_verdicts",
-           "verdict_word", "VERDICT_KEYS", "VERDICT_WORDS"]
+           "verdict_word", "VERDICT_KEYS", "VERDICT_WORDS", "prerequisite", "needs", "PREREQUISITES", "NEEDS"]
 
 #: top-level packages whose source counts towards a figure's code version.
 FIRST_PARTY = ("theory", "sims", "imaging")
@@ -60,6 +60,37 @@ class FigureSpec:
 
 
 FIGURES: dict[str, FigureSpec] = {}
+
+
+@dataclass(frozen=True)
+class Prerequisite:
+    """Something several figure modules need built first (a pre-trained pipeline in the cache): ``ready()``
+    says whether it is there, ``build()`` builds it (safe to call from concurrent processes: the builder
+    serialises them), ``cost_s`` is its build time for the schedule's estimate."""
+    name: str
+    ready: Callable[[], bool]
+    build: Callable[[], object]
+    cost_s: float
+
+
+PREREQUISITES: dict[str, Prerequisite] = {}
+#: module -> names of the prerequisites its figures need.
+NEEDS: dict[str, tuple[str, ...]] = {}
+
+
+def prerequisite(name: str, ready: Callable[[], bool], build: Callable[[], object], cost_s: float) -> None:
+    """Register a prerequisite (see :class:`Prerequisite`)."""
+    PREREQUISITES[name] = Prerequisite(name, ready, build, float(cost_s))
+
+
+def needs(module: str, *names: str) -> None:
+    """Declare that the figures of ``module`` need the registered prerequisites ``names``. With several
+    worker processes, a missing prerequisite is built first in one worker while the others run the figures
+    that do not need it; with one process the figure builds it when it first asks for it."""
+    unknown = [n for n in names if n not in PREREQUISITES]
+    if unknown:
+        raise ValueError(f"needs: unknown prerequisite(s) {unknown}; registered: {sorted(PREREQUISITES)}")
+    NEEDS[module] = tuple(dict.fromkeys(NEEDS.get(module, ()) + names))
 
 
 #: the keys of one verdict, and the words a verdict starts with.
@@ -321,6 +352,18 @@ def _groups(todo: Sequence[str], est: dict) -> list[list[str]]:
     return [by_mod[m] for m in sorted(by_mod, key=lambda m: -cost[m])]
 
 
+def _plan(groups: list[list[str]]) -> tuple[list[str], list[list[str]]]:
+    """The prerequisites to build first (needed by a group, not ready) and the groups reordered: those that
+    need none of them first, then the others (each part still largest first)."""
+    missing = []
+    for g in groups:
+        for p in NEEDS.get(FIGURES[g[0]].module, ()):
+            if p not in missing and not PREREQUISITES[p].ready():
+                missing.append(p)
+    waits = [g for g in groups if set(NEEDS.get(FIGURES[g[0]].module, ())) & set(missing)]
+    return missing, [g for g in groups if g not in waits] + waits
+
+
 def _makespan(costs: Sequence[float], jobs: int) -> float:
     """The finishing time of ``costs`` handed in this order to ``jobs`` workers, each job to the first free
     worker (what a process pool does)."""
@@ -348,6 +391,13 @@ def _worker_run(names: Sequence[str], out: str, quick: bool, estimate_from: Sequ
                        log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
 
 
+def _worker_build(name: str) -> float:
+    t0 = time.perf_counter()
+    print(f"[worker] building {name} (once; cached)", file=sys.stderr, flush=True)
+    PREREQUISITES[name].build()
+    return time.perf_counter() - t0
+
+
 def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from: Sequence[Path], jobs: int,
                   modules: Sequence[str], threads: int, est: dict, log: Callable[[str], None]) -> dict[str, dict]:
     """Run each group of figures in one of ``jobs`` worker processes (spawned, ``threads`` torch threads
@@ -358,9 +408,16 @@ def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
+    build_first, groups = _plan(groups)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(list(modules), threads)) as pool:
+        # a pool hands out tasks in submission order: the builds first, then the groups that do not wait
+        # for them, then those that do (a group that starts before its build is done waits on the builder's lock)
+        builds = [pool.submit(_worker_build, p) for p in build_first]
         futures = {pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from]): g for g in groups}
+        for name, fut in zip(build_first, builds):
+            fut.add_done_callback(lambda f, name=name: log(f"built {name} in {_fmt_s(f.result())}")
+                                  if f.exception() is None else None)
         left = {id(g): g for g in groups}
         for fut in as_completed(futures):
             g = futures[fut]
@@ -370,6 +427,8 @@ def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from
             log(f"done: {', '.join(g)} ({time.perf_counter() - t0:.0f} s since start); "
                 + (f"{len(left)} group(s) left, about {_fmt_s(_makespan(rest, jobs))} more by recorded times"
                    if left else "all groups done"))
+        for fut in builds:  # a failed build that no group tripped over still fails the run
+            fut.result()
     return results
 
 
@@ -409,9 +468,13 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
     parallel = jobs > 1 and len(groups) > 1
     if todo:
         if parallel:
-            span = _makespan([sum(60.0 if est[n] is None else est[n] for n in g) for g in groups], jobs)
+            build_first, ordered = _plan(groups)
+            costs = [PREREQUISITES[p].cost_s for p in build_first]
+            span = _makespan(costs + [sum(60.0 if est[n] is None else est[n] for n in g) for g in ordered], jobs)
             total = (f"expected {_fmt_s(span)} on {jobs} processes ({_fmt_s(sum(known))} of recorded wall times"
-                     + (", 60 s counted for each figure without one" if n_unknown else "") + ")")
+                     + (", 60 s counted for each figure without one" if n_unknown else "")
+                     + "".join(f", {_fmt_s(PREREQUISITES[p].cost_s)} to build {p} first" for p in build_first)
+                     + ")")
         else:
             total = (f"expected {_fmt_s(sum(known))} (recorded wall times, one process)" if known
                      else "no recorded time")
