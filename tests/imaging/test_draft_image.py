@@ -146,24 +146,7 @@ def replace_scales(cfg):
 
 
 # ----------------------------------------------------------------------------- the SD config through sd-finetune
-
-
-@pytest.fixture(scope="module")
-def tiny_aesthetic(tmp_path_factory):
-    """A tiny CLIP vision tower (save_pretrained) and an aesthetic head file of matching width."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from imaging.aesthetic import AestheticMLP
-
-    folder = tmp_path_factory.mktemp("tiny-clip-vision")
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                                   projection_dim=8)).save_pretrained(folder)
-    head = folder / "head.safetensors"
-    save_file(AestheticMLP(8).state_dict(), str(head))
-    return folder, head
+# (tiny_aesthetic: tests/imaging/conftest.py)
 
 
 def test_sd_config_is_the_papers_setting():

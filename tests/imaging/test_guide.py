@@ -140,31 +140,15 @@ def test_algorithm2_fine_tunes_copies_and_leaves_the_pipeline_unchanged(pipe):
     assert d1 > 100 * abs(r0 - r0_1)
 
 
-@pytest.fixture(scope="module")
-def tiny_aesthetic(tmp_path_factory):
-    """A tiny CLIP vision tower folder and an aesthetic head file (random weights), for the SD config."""
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from imaging.aesthetic import AestheticMLP
-
-    folder = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                                   projection_dim=8)).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    torch.save(AestheticMLP(8).state_dict(), folder / "head.pth")
-    return folder
-
-
 def test_sd15_config_runs_two_rounds_on_the_tiny_pipeline(pipe, tiny_aesthetic):
     """imaging/configs/guide_sd15.json as shipped (aesthetic reward, CFG 7.5, both methods, three strengths),
     with only the sizes reduced and the weights' paths pointed at tiny local files."""
+    folder, _ = tiny_aesthetic  # tests/imaging/conftest.py; this test reads the head in the .pth format
     raw = json.loads((CONFIG_DIR / "guide_sd15.json").read_text())
     assert raw["reward"] == "aesthetic" and raw["steps"] == 50 and raw["guidance_scale"] == 7.5
     cfg = load_config(CONFIG_DIR / "guide_sd15.json", steps=3, rounds=2, n=2, pca_n=8, image_size=None,
                       dtype="float32", device="cpu", prompt="a photo of a cat", timing=False, grid_n=1,
-                      reward_kwargs={"clip_path": str(tiny_aesthetic), "head_path": str(tiny_aesthetic / "head.pth")})
+                      reward_kwargs={"clip_path": str(folder), "head_path": str(folder / "head.pth")})
     res = run(cfg, None, pipe=pipe)
     assert len(res["configs"]) == 6 and all(len(c["rounds"]) == 3 for c in res["configs"])
     assert res["reference"]["reward_sd"] > 0
