@@ -341,14 +341,22 @@ class _Inner:
         self.bars.clear()
 
 
+#: the cost counted for a figure without a recorded wall time (s), in the schedule's estimates.
+UNKNOWN_COST_S = 60.0
+
+
+def _cost(group: Sequence[str], est: dict) -> float:
+    """The expected time of a group of figures from their recorded times (``UNKNOWN_COST_S`` if none)."""
+    return sum(UNKNOWN_COST_S if est[n] is None else est[n] for n in group)
+
+
 def _groups(todo: Sequence[str], est: dict) -> list[list[str]]:
     """The figures of ``todo`` grouped by module (figures of one module share computations through
-    module-level caches, so they run in one process, in order), largest expected time first (a figure
-    without a recorded time counts as 60 s)."""
+    module-level caches, so they run in one process, in order), largest expected time first (``_cost``)."""
     by_mod: dict[str, list[str]] = {}
     for n in todo:
         by_mod.setdefault(FIGURES[n].module, []).append(n)
-    cost = {m: sum(60.0 if est[n] is None else est[n] for n in g) for m, g in by_mod.items()}
+    cost = {m: _cost(g, est) for m, g in by_mod.items()}
     return [by_mod[m] for m in sorted(by_mod, key=lambda m: -cost[m])]
 
 
@@ -398,17 +406,18 @@ def _worker_build(name: str) -> float:
     return time.perf_counter() - t0
 
 
-def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from: Sequence[Path], jobs: int,
-                  modules: Sequence[str], threads: int, est: dict, log: Callable[[str], None]) -> dict[str, dict]:
-    """Run each group of figures in one of ``jobs`` worker processes (spawned, ``threads`` torch threads
-    each), largest group first; log each group as it finishes with the expected remainder."""
+def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, quick: bool,
+                  estimate_from: Sequence[Path], jobs: int, modules: Sequence[str], threads: int, est: dict,
+                  log: Callable[[str], None]) -> dict[str, dict]:
+    """Build the prerequisites ``build_first``, then run each group of figures, in ``jobs`` worker processes
+    (spawned, ``threads`` torch threads each), in that order (``_plan``'s); log each group as it finishes
+    with the expected remainder."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
-    build_first, groups = _plan(groups)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(list(modules), threads)) as pool:
         # a pool hands out tasks in submission order: the builds first, then the groups that do not wait
@@ -423,7 +432,7 @@ def _run_parallel(groups: list[list[str]], out: Path, quick: bool, estimate_from
             g = futures[fut]
             results.update(fut.result())
             del left[id(g)]
-            rest = [sum(60.0 if est[n] is None else est[n] for n in gg) for gg in left.values()]
+            rest = [_cost(gg, est) for gg in left.values()]
             log(f"done: {', '.join(g)} ({time.perf_counter() - t0:.0f} s since start); "
                 + (f"{len(left)} group(s) left, about {_fmt_s(_makespan(rest, jobs))} more by recorded times"
                    if left else "all groups done"))
@@ -466,13 +475,14 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
     n_unknown = len(todo) - len(known)
     groups = _groups(todo, est) if jobs > 1 else [todo]
     parallel = jobs > 1 and len(groups) > 1
+    if parallel:
+        build_first, groups = _plan(groups)
     if todo:
         if parallel:
-            build_first, ordered = _plan(groups)
             costs = [PREREQUISITES[p].cost_s for p in build_first]
-            span = _makespan(costs + [sum(60.0 if est[n] is None else est[n] for n in g) for g in ordered], jobs)
+            span = _makespan(costs + [_cost(g, est) for g in groups], jobs)
             total = (f"expected {_fmt_s(span)} on {jobs} processes ({_fmt_s(sum(known))} of recorded wall times"
-                     + (", 60 s counted for each figure without one" if n_unknown else "")
+                     + (f", {UNKNOWN_COST_S:.0f} s counted for each figure without one" if n_unknown else "")
                      + "".join(f", {_fmt_s(PREREQUISITES[p].cost_s)} to build {p} first" for p in build_first)
                      + ")")
         else:
@@ -483,7 +493,7 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
     if parallel:
         if not modules:
             raise ValueError("modules: jobs > 1 needs the figure modules for the worker processes to import")
-        return _run_parallel(groups, out, quick, estimate_from, jobs, modules, threads, est, log)
+        return _run_parallel(build_first, groups, out, quick, estimate_from, jobs, modules, threads, est, log)
     results = {}
     paced = [0.0, 0.0]  # wall time and recorded time of the figures done so far that had a recorded time
     for i, name in enumerate(todo):
