@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, binom_se, by_condition, num, pm, verdict
+from theory.verdicts import Z, beyond, binom_se, by_condition, num, pm, settings_note, verdict
 
 CTRL = "CTRL (Zhao et al.)"
 GG = "Gradient guidance (Guo et al.)"
@@ -39,10 +39,6 @@ def _accuracy_verdicts(acc: dict, n: int, pre: str, dps: str, regime: str, budge
     return out
 
 
-def _settings(q) -> str:
-    return "" if q is None else ("; default (reduced) settings" if q else "; full settings")
-
-
 def ctrl_digits(data: dict) -> list[dict]:
     """ctrl_digits / ctrl_digits_multitask: accuracy of the true class (JPEG size, or size x ink) of each
     method's samples; n = the samples in the method's confusion matrix."""
@@ -53,7 +49,7 @@ def ctrl_digits(data: dict) -> list[dict]:
     classes = len(m["pre-trained"]["confusion"])
     regime = (f"digits pipeline (32 px latents), {classes} classes by the true measure ({data.get('task', '?')}), "
               f"offline {data.get('offline', {}).get('n', '?')} images, gamma {num(c.get('gamma'))}"
-              + _settings(c.get("quick", data.get("quick"))))
+              + settings_note(c.get("quick", data.get("quick"))))
     budget = (f"{c.get('steps', '?')} fine-tuning steps of batch {c.get('batch_size', '?')}, LoRA rank "
               f"{c.get('lora_rank', '?')}; {n} evaluation samples per method; 1 seed")
     acc = {k: v["accuracy"] for k, v in m.items() if isinstance(v, dict) and "accuracy" in v}
@@ -87,7 +83,7 @@ def guide(data: dict) -> list[dict]:
     c = data["config"]
     regime = (f"digits pipeline latents {data.get('latent_shape')}, prompt {c.get('prompt')!r}, reward {c.get('reward')}"
               f"{' ' + str(c.get('reward_kwargs')) if c.get('reward_kwargs') else ''}, Algorithm {c.get('algorithm')}, "
-              f"{c.get('noise')} noise" + _settings(c.get("quick", data.get("quick"))))
+              f"{c.get('noise')} noise" + settings_note(c.get("quick", data.get("quick"))))
     budget = f"{c.get('rounds')} rounds of {c.get('n')} chains, {c.get('steps')} sampler steps; strengths " \
              f"{c.get('strengths')}; 1 seed"
     ok, words = {}, []

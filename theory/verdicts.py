@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["Z", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict", "by_condition", "beyond"]
+__all__ = ["Z", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict", "by_condition", "beyond",
+           "settings_note"]
 
 #: a difference counts as real when it exceeds this many standard errors
 Z = 2.0
@@ -115,6 +116,12 @@ def by_condition(ok: Mapping[str, bool], what: str) -> str:
     if not good:
         return "does not hold"
     return f"holds only when {what} in {{{'; '.join(good)}}}"
+
+
+def settings_note(quick) -> str:
+    """The regime's note on the settings a figure ran with: ``quick`` True (the default, reduced settings),
+    False (full settings) or None (not recorded: nothing)."""
+    return "" if quick is None else ("; default (reduced) settings" if quick else "; full settings")
 
 
 def verdict(claim: str, verdict: str, numbers: str, regime: str, budget: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, mean_se, num, pm, verdict
+from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, mean_se, num, pm, settings_note, verdict
 
 PAPER = "CTRL (Zhao et al.)"
 FLOOR = "exact target (floor)"
@@ -28,8 +28,7 @@ def _n_eval(data: dict) -> int:
 
 
 def _settings(data) -> str:
-    q = data.get("quick", data.get("config", {}).get("quick"))
-    return "" if q is None else ("; default (reduced) settings" if q else "; full settings")
+    return settings_note(data.get("quick", data.get("config", {}).get("quick")))
 
 
 def _regime(data: dict) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, verdict
+from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, settings_note, verdict
 
 PAPER = "Gradient guidance (Guo et al.)"
 #: "near the pre-trained model's off-support measure": within this factor of it
@@ -28,8 +28,7 @@ CLAIM_RUNTIME = (f"{PAPER}: a G_loss pass costs one forward and one vector-Jacob
 
 def _settings(data) -> str:
     """The settings the data records (older JSONs record them only at the top level: then nothing)."""
-    q = data.get("quick")
-    return "" if q is None else ("; default (reduced) settings" if q else "; full settings")
+    return settings_note(data.get("quick"))
 
 
 def _plateau(curve) -> tuple[bool, float, float]:
