@@ -117,6 +117,18 @@ def test_code_hash_follows_first_party_imports(tmp_path, monkeypatch):
     sys.modules.pop("fakepkg", None)
 
 
+def test_code_hash_leaves_out_the_runner(monkeypatch):
+    """A change to the registry or the progress reporting (they compute no figure's numbers) keeps every
+    figure current; the hashed sources of a real figure do not include them."""
+    monkeypatch.setattr(registry, "_HASHES", {})
+    h = registry.code_hash("sims.fig_theory")
+    real = registry._module_file
+    fake = {m: real(m).with_name("does-not-exist.py") for m in registry.RUNNER_MODULES}
+    monkeypatch.setattr(registry, "_module_file", lambda name: fake.get(name) or real(name))
+    registry._HASHES.clear()
+    assert registry.code_hash("sims.fig_theory") == h  # the runner's files are never read
+
+
 def test_real_figures_hash_their_shared_code():
     """theory_tilting's version covers the grid estimators it imports and the solver."""
     assert registry.code_hash("sims.fig_theory") != registry.code_hash("sims.grid2d")

@@ -20,7 +20,9 @@ A figure's output is *current* when both files exist and the JSON records the sa
 and the same code version. The code version is the SHA-256 of the source of the figure's module and
 of every first-party module it imports, transitively (``theory``, ``sims``, ``imaging``, found from the
 import statements without running them); a change to any of those files makes the figure stale, a change
-elsewhere (another experiment, the docs, an installed library's version) does not.
+elsewhere (another experiment, the docs, an installed library's version) does not. The runner itself
+(``RUNNER_MODULES``: this registry and the progress reporting) is left out: it schedules, times and writes
+figures but computes none of their numbers, so a change to it leaves every figure current.
 
 Long experiments report their progress inside a figure through :func:`theory.progress.report`.
 """
@@ -240,6 +242,10 @@ def code_hash(module: str) -> str:
 
 _HASHES: dict[str, str] = {}
 
+#: modules every figure imports that compute none of its numbers (scheduling, timing, writing, progress):
+#: left out of the code version, so that a change to the runner does not mark every figure stale
+RUNNER_MODULES = ("theory.registry", "theory.progress")
+
 
 def _code_hash(module: str) -> str:
     if module in _HASHES:
@@ -248,7 +254,7 @@ def _code_hash(module: str) -> str:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or name in RUNNER_MODULES:
             continue
         path = _module_file(name)
         if path is None:
