@@ -33,10 +33,10 @@ draft_image_lora reuses draft_image_compare), largest first.
 
 A figure whose PNG and JSON in OUT are current - the JSON records the same settings and the same code
 version (a hash of the source of the figure's module and of every theory/sims/imaging module it
-imports, transitively) - is skipped; --force recomputes it. Before starting, the command prints each
+imports, transitively, leaving out the runner itself) - is skipped; --force recomputes it. Before starting, the command prints each
 figure's expected time (the wall time recorded in its JSON at the same settings) and the expected
-total for the schedule; each figure logs its time as it finishes, and with one process long figures
-show their own progress (rounds, training steps). A pre-trained network that is not yet in the cache
+total for the schedule; each figure logs its time as it finishes, and long figures show their own
+progress (rounds, training steps): bars with one process, a line a minute per worker with several. A pre-trained network that is not yet in the cache
 adds its training time once (the digits pipeline: about 7.5 min on one thread).
 
 --replot re-draws the PNGs from the JSONs already in OUT and refreshes their verdicts, without
@@ -78,14 +78,14 @@ def add_parser(sub) -> None:
                         "with --full paper_figs/; required elsewhere)")
     p.add_argument("--jobs", type=int, default=None, metavar="N",
                    help="worker processes (default: 2, at most the usable cores); 1 runs in this process with "
-                        "progress bars inside long figures")
+                        "progress bars inside long figures (several: progress lines, one a minute)")
     p.add_argument("--list", action="store_true", help="list the registered figures with their recorded wall "
                                                        "times and exit")
     p.add_argument("--dry-run", action="store_true", help="print what would be computed and the expected time, "
                                                           "then exit")
     p.add_argument("--force", action="store_true", help="recompute figures whose output is current too")
     p.add_argument("--replot", action="store_true", help="re-draw the PNGs from the JSONs in OUT (no computation)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars inside figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars inside figures (one process)")
     add_threads_option(p, default=1)
     p.set_defaults(func=run)
 

@@ -97,6 +97,25 @@ def test_progress_reports_reach_the_listener():
     assert seen == [(k, 3, "round", "fake rounds") for k in (1, 2, 3)]
 
 
+def test_worker_progress_lines_are_throttled_and_end_with_the_total(monkeypatch):
+    """In a worker (bars would interleave) a figure's progress is a log line per ``what`` at most every
+    LINE_EVERY_S seconds, plus one at its end; the time left is the remaining units at the rate so far."""
+    clock = [0.0]
+    monkeypatch.setattr(registry.time, "perf_counter", lambda: clock[0])
+    lines = []
+    inner = registry._Inner(False, "fig", lines.append)
+    for k in range(1, 10):  # a report every 10 s, of 100 units in all
+        inner(k * 10, 100, "round", "rounds")
+        clock[0] += 10.0
+    assert len(lines) == 1  # the first report (10 units at t = 0) opens the clock; at t = 60 s one line
+    assert "fig: rounds 70/100 round" in lines[0] and "about 30 s left" in lines[0]  # 60 units in 60 s, 30 to go
+    inner(100, 100, "round", "rounds")
+    assert len(lines) == 2 and "100/100" in lines[1] and "left" not in lines[1]
+    with progress.listening(inner):
+        _compute()  # a new 'what' after the end starts over: only its end line (3/3) within 60 s
+    assert len(lines) == 3 and "fake rounds 3/3 round" in lines[2]
+
+
 def test_code_hash_follows_first_party_imports(tmp_path, monkeypatch):
     pkg = tmp_path / "fakepkg"
     pkg.mkdir()

@@ -321,12 +321,16 @@ def _fmt_s(s: Optional[float]) -> str:
 
 
 class _Inner:
-    """The progress listener of one figure: one bar per reported ``what`` (tqdm, on stderr)."""
+    """The progress listener of one figure: one bar per reported ``what`` (tqdm, on stderr); or, with
+    ``lines`` (a log function, as in worker processes, whose bars would interleave), a line per ``what`` at
+    most every ``LINE_EVERY_S`` seconds and at its end, with the time left at the rate so far."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.bars = enabled, {}
+    def __init__(self, enabled: bool, name: str = "", lines: Optional[Callable[[str], None]] = None):
+        self.enabled, self.bars, self.name, self.lines, self.seen = enabled, {}, name, lines, {}
 
     def __call__(self, done, total, unit, what):
+        if self.lines is not None:
+            return self._line(done, total, unit, what)
         if not self.enabled:
             return
         from tqdm.auto import tqdm
@@ -341,10 +345,29 @@ class _Inner:
             bar.close()
             del self.bars[what]
 
+    def _line(self, done, total, unit, what):
+        now = time.perf_counter()
+        first, done0, last = self.seen.setdefault(what, (now, done, now))
+        end = total is not None and done >= total
+        if not end and now - last < LINE_EVERY_S:
+            return
+        self.seen[what] = (first, done0, now)
+        rate = (done - done0) / (now - first) if now > first and done > done0 else None
+        left = f", about {_fmt_s((total - done) / rate)} left" if rate and total is not None and not end else ""
+        self.lines(f"  {self.name}: {what or 'progress'} {done}/{total if total is not None else '?'} {unit}"
+                   f" ({_fmt_s(now - first)} since its first report{left})")
+        if end:
+            del self.seen[what]
+
     def close(self):
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()
+        self.seen.clear()
+
+
+#: seconds between two progress lines of one figure in a worker process (``_Inner`` with ``lines``)
+LINE_EVERY_S = 60.0
 
 
 #: the cost counted for a figure without a recorded wall time (s), in the schedule's estimates.
@@ -402,13 +425,20 @@ def _worker_run(names: Sequence[str], out: str, quick: bool, estimate_from: Sequ
 
     tag = f"[worker {os.getpid()}]"
     return run_figures(names, out, quick=quick, progress=False, skip_current=False, estimate_from=estimate_from,
-                       log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
+                       log=lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True), progress_lines=True)
 
 
 def _worker_build(name: str) -> float:
+    import os
+
+    from . import progress as _progress
+
     t0 = time.perf_counter()
-    print(f"[worker] building {name} (once; cached)", file=sys.stderr, flush=True)
-    PREREQUISITES[name].build()
+    tag = f"[worker {os.getpid()}]"
+    print(f"{tag} building {name} (once; cached)", file=sys.stderr, flush=True)
+    inner = _Inner(False, name, lambda s: print(f"{tag} {s}", file=sys.stderr, flush=True))
+    with _progress.listening(inner):
+        PREREQUISITES[name].build()
     return time.perf_counter() - t0
 
 
@@ -450,7 +480,7 @@ def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, qu
 def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, progress: bool = True,
                 skip_current: bool = True, estimate_from: Sequence[Path] = (),
                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr), jobs: int = 1,
-                modules: Sequence[str] = (), threads: int = 1) -> dict[str, dict]:
+                modules: Sequence[str] = (), threads: int = 1, progress_lines: bool = False) -> dict[str, dict]:
     """Compute the named figures into ``out`` (each PNG + JSON written as soon as it is finished).
 
     ``skip_current``: leave figures whose output is current (see the module docstring). Before starting it
@@ -460,7 +490,8 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
 
     ``jobs`` > 1: the figures, grouped by module (see ``_groups``), run in that many spawned worker processes
     with ``threads`` torch threads each; ``modules`` are the figure modules the workers import to find the
-    figures (the caller's list). The plan then gives the expected wall time of that schedule."""
+    figures (the caller's list). The plan then gives the expected wall time of that schedule.
+    ``progress_lines``: progress inside a figure as ``log`` lines (throttled) instead of bars (workers)."""
     from . import progress as _progress
 
     unknown = [n for n in names if n not in FIGURES]
@@ -504,7 +535,7 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
     paced = [0.0, 0.0]  # wall time and recorded time of the figures done so far that had a recorded time
     for i, name in enumerate(todo):
         spec = FIGURES[name]
-        inner = _Inner(progress)
+        inner = _Inner(progress, name, log if progress_lines else None)
         t0 = time.perf_counter()
         try:
             with _progress.listening(inner):
