@@ -1,7 +1,7 @@
 """Time a sampling pass guided by G_loss (and by G) against an unguided pass, next to the network's own
 costs, in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200] [--no-unet]
+    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200] [--no-unet] [--compile]
 
 Same model, batch, grid (the T = 200 discrete cosine schedule, DDPM steps) and noise for every pass; the
 passes and the network timings are interleaved round-robin; times are medians of ``repeats``, ratios the
@@ -117,6 +117,8 @@ def main(argv=None):
     p.add_argument("--unet-steps", type=int, default=None, help="U-Net sampler steps (default 20, quick 10)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7, quick 3)")
     p.add_argument("--no-unet", action="store_true", help="skip the U-Net (needs diffusers)")
+    p.add_argument("--compile", action="store_true",
+                   help="add the EpsMLP compiled by torch.compile (inductor, CPU); its compile time is printed")
     a = p.parse_args(argv)
     steps = a.steps or (50 if a.quick else 200)
     unet_steps = a.unet_steps or (10 if a.quick else 20)
@@ -126,6 +128,9 @@ def main(argv=None):
     torch.manual_seed(0)
     models = {"exact subspace score (float64)": (subspace_gaussian(A, sch), torch.float64, 64, a.batch, steps),
               "EpsMLP 256x3 (float32)": (EpsMLP(64, hidden=256, depth=3, T=200.0), torch.float32, 64, a.batch, steps)}
+    if a.compile:  # the same weights, compiled; the first (warm-up) round of bench() pays the compilation
+        mlp = models["EpsMLP 256x3 (float32)"][0]
+        models["EpsMLP 256x3 torch.compile"] = (torch.compile(mlp, dynamic=False), torch.float32, 64, a.batch, steps)
     if not a.no_unet:
         unet = FlatUNet()
         n_par = sum(q.numel() for q in unet.parameters()) / 1e6
@@ -135,7 +140,10 @@ def main(argv=None):
           f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'noise':>6s}")
     out = {}
     for name, (m, dt, dim, batch, n) in models.items():
+        w0 = time.perf_counter()
         t = bench(m, sch, dim, batch, n, repeats, dt)
+        if "compile" in name:
+            print(f"  ({name}: {time.perf_counter() - w0:.0f} s wall in all, compilation included)")
         out[name] = t
         print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} "
               f"{t['G_loss/unguided']:10.2f} {t['floor']:11.2f} {t['gap']:+6.1%} {t['G/unguided']:6.2f} "
