@@ -258,3 +258,22 @@ def test_code_cites_only_what_ships():
            for f in _code_files() if f.name != "test_docs.py"
            for i, line in enumerate(f.read_text().splitlines(), 1) if NOT_CITED.search(line)]
     assert not bad, f"{len(bad)} citation(s) of what the repository does not ship:\n" + "\n".join(bad)
+
+
+def test_readme_times_table_lists_both_runs_and_their_sums(tmp_path):
+    """README's run-time table (between its own markers) has a row per figure with the default and the full
+    JSON's wall times, "-" where a run has none, and the sums."""
+    import json
+
+    mr = _make_results()
+    (tmp_path / "default").mkdir()
+    for folder, name, wall, settings in ((tmp_path, "claims_a", 120.0, "full"), (tmp_path, "claims_b", 30.0, "full"),
+                                         (tmp_path / "default", "claims_a", 12.0, "default")):
+        doc = _verdict_doc(name, ["holds"], settings)
+        doc["wall_time_s"] = wall
+        (folder / f"{name}.json").write_text(json.dumps(doc))
+    readme = f"{mr.BEGIN}\n{mr.END}\n{mr.TIMES_BEGIN}\nSTALE\n{mr.TIMES_END}\n"
+    new = mr.render_readme(readme, tmp_path)
+    assert "STALE" not in new
+    assert "| `claims_a` | 12 s | 2.0 min |" in new and "| `claims_b` | - | 30 s |" in new
+    assert "| **12 s** | **2.5 min** |" in new

@@ -13,7 +13,9 @@ table claim | verdict | numbers | regime | budget from the JSON's top-level ``ve
 README.md's table of verdicts, between the markers ``<!-- verdicts:begin -->`` and ``<!-- verdicts:end -->``,
 has one row per verdict of every figure in ``paper_figs/``, and a column saying whether the run at the
 default (reduced) settings, ``paper_figs/default/<figure>.json``, reaches the same leading verdict word
-("holds", "does not hold", "holds only when") for the same claim.
+("holds", "does not hold", "holds only when") for the same claim. README's table of run times, between
+``<!-- times:begin -->`` and ``<!-- times:end -->``, lists each figure's recorded wall time in the default
+run and in the full run (the ``wall_time_s`` of both JSONs) and their sums.
 Known figures have a renderer below that picks their key numbers into tables; any other figure gets a
 generic listing of the scalars in its data. The short notes in ``NOTES`` explain how to read a figure;
 they hold no measured numbers (those come from the JSONs only).
@@ -25,6 +27,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 FIG_DIR = ROOT / "paper_figs"
@@ -32,6 +35,7 @@ OUT = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
 DEFAULT_DIR = "default"  # the default-settings run's JSONs, inside the figures folder
 BEGIN, END = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"
+TIMES_BEGIN, TIMES_END = "<!-- times:begin -->", "<!-- times:end -->"
 #: README's verdict rows are grouped by paper, in this order (by the claim's start), then in page order
 PAPERS = ("Theory", "Gradient guidance", "CTRL", "DRaFT")
 #: the words a verdict starts with (theory.registry.VERDICT_WORDS; longest first)
@@ -769,13 +773,54 @@ def render_verdict_table(fig_dir: Path = FIG_DIR) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def render_readme(text: str, fig_dir: Path = FIG_DIR) -> str:
-    """``text`` (README.md) with the verdict table between its markers replaced by a fresh rendering."""
-    i, j = text.find(BEGIN), text.find(END)
+def _wall(doc: Optional[dict]) -> Optional[float]:
+    w = (doc or {}).get("wall_time_s")
+    return float(w) if isinstance(w, (int, float)) and math.isfinite(w) else None
+
+
+def _secs(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def render_times_table(fig_dir: Path = FIG_DIR) -> str:
+    """README's run-time table: per figure (page order) the wall time its default-settings JSON
+    (``<fig_dir>/default/``) and its full-settings JSON (``<fig_dir>``) recorded, and the sums. A figure
+    that shares its computation with an earlier one of its module records only its own remainder."""
+    full = {d["figure"]: d for d in _load(fig_dir)}
+    dflt = {d["figure"]: d for d in _load(Path(fig_dir) / DEFAULT_DIR)} if (Path(fig_dir) / DEFAULT_DIR).is_dir() else {}
+    names = [d["figure"] for _, g in _grouped(list(full.values()) + [d for n, d in dflt.items() if n not in full])
+             for d in g]
+    rows, tot = [], [0.0, 0.0]
+    for n in names:
+        a, b = _wall(dflt.get(n)), _wall(full.get(n) if (full.get(n) or {}).get("settings", "full") == "full"
+                                         and not (full.get(n) or {}).get("quick") else None)
+        tot[0] += a or 0.0
+        tot[1] += b or 0.0
+        rows.append([f"`{n}`", _secs(a), _secs(b)])
+    if not rows:
+        return "No figure in paper_figs/ records a wall time yet.\n"
+    rows.append(["**sum of the figures' times** (pre-trained models built in the run not included)", f"**{_secs(tot[0])}**",
+                 f"**{_secs(tot[1])}**"])
+    return "\n".join(table(["figure", "default settings", "full settings"], rows)).rstrip() + "\n"
+
+
+def _replace_between(text: str, begin: str, end: str, body: str, what: str) -> str:
+    i, j = text.find(begin), text.find(end)
     if i < 0 or j < i:
-        raise ValueError(f"readme: README.md needs the markers {BEGIN} and {END} (in this order) around the "
-                         "verdict table; add them where the table belongs")
-    return text[: i + len(BEGIN)] + "\n" + render_verdict_table(fig_dir) + text[j:]
+        raise ValueError(f"readme: README.md needs the markers {begin} and {end} (in this order) around the "
+                         f"{what}; add them where the table belongs")
+    return text[: i + len(begin)] + "\n" + body + text[j:]
+
+
+def render_readme(text: str, fig_dir: Path = FIG_DIR) -> str:
+    """``text`` (README.md) with the verdict table between its markers replaced by a fresh rendering, and
+    the run-time table too where README has its markers."""
+    text = _replace_between(text, BEGIN, END, render_verdict_table(fig_dir), "verdict table")
+    if TIMES_BEGIN in text:
+        text = _replace_between(text, TIMES_BEGIN, TIMES_END, render_times_table(fig_dir), "run-time table")
+    return text
 
 
 def main(argv=None) -> int:
