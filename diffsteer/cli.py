@@ -61,16 +61,9 @@ def is_expected(e: BaseException) -> bool:
 
 
 def _missing_extra(e: ModuleNotFoundError):
-    try:
-        from .runtime import missing_extra_message
-    except ImportError:  # pragma: no cover - an older tree without diffsteer.runtime
-        missing_extra_message = None
-    if missing_extra_message is not None:
-        return missing_extra_message(e)
-    root = (e.name or "").split(".")[0]
-    if root in ("diffusers", "transformers", "accelerate"):
-        return f"this command needs {root}, from the imaging extra: pip install 'diffsteer[imaging]'"
-    return None
+    from .runtime import missing_extra_message
+
+    return missing_extra_message(e)
 
 
 def _one_line(e: BaseException) -> str:
