@@ -157,16 +157,24 @@ def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable
     ``train(model)`` and saving it (atomically, safetensors) on a miss. ``key`` must describe every
     setting that changes the weights (data, architecture, training config, seed).
 
-    Training runs under ``torch.random.fork_rng``: the global random state after this call is the same on a
-    miss (trained now) as on a hit (loaded), so what a caller draws next does not depend on the cache."""
+    ``build`` and ``train`` run under ``torch.random.fork_rng`` with the global generator seeded from the
+    key's digest: the initial weights, hence the trained network, are a function of the key alone - not of
+    what the process drew before (which figure ran first in a worker, ``--jobs``, a test run earlier) - and
+    the global random state after this call is the one before it, on a miss (trained now) as on a hit
+    (loaded), so what a caller draws next does not depend on the cache either."""
     from safetensors.torch import load_file
 
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / f"{name}-{digest}.safetensors"
-    model = build()
-    if path.exists():
-        model.load_state_dict(load_file(str(path)))
-        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(digest[:8], 16))
+        model = build()
+        if path.exists():
+            model.load_state_dict(load_file(str(path)))
+            return model.eval()
+        train(model)
+    atomic_save_tensors(model.state_dict(), path)
+    return model.eval()
     with torch.random.fork_rng(devices=[]):
         train(model)
     atomic_save_tensors(model.state_dict(), path)

@@ -80,3 +80,25 @@ def test_cached_network_leaves_the_global_random_state_as_a_cache_hit_does(tmp_p
         net = cached("zz_rng", {"v": 1}, lambda: nn.Linear(3, 2), train)
         after.append((torch.randn(4), net.weight.detach().clone()))
     assert torch.equal(after[0][0], after[1][0]) and torch.equal(after[0][1], after[1][1])
+    torch.manual_seed(123)
+    assert torch.equal(torch.randn(4), after[0][0])  # the call left the global state as it found it
+
+
+def test_cached_network_is_a_function_of_its_key_not_of_what_ran_before(tmp_path, monkeypatch):
+    """theory.nets.cached: the initial weights (and so the trained network) do not depend on the global
+    generator's state before the call - a figure's pre-trained network is the same whichever figures ran
+    before it in the process; two keys give two different initialisations."""
+    import torch
+    from torch import nn
+
+    from theory.nets import cached
+
+    nets = []
+    for i, prior in enumerate((1, 2)):  # two fresh caches, two different histories of the global generator
+        monkeypatch.setenv("DIFFSTEER_CACHE", str(tmp_path / str(i)))
+        torch.manual_seed(prior)
+        torch.randn(prior * 10)
+        nets.append(cached("zz_init", {"v": 1}, lambda: nn.Linear(3, 2), lambda m: None).weight.detach().clone())
+    assert torch.equal(nets[0], nets[1])
+    other = cached("zz_init", {"v": 2}, lambda: nn.Linear(3, 2), lambda m: None).weight
+    assert not torch.equal(other, nets[0])
