@@ -287,8 +287,24 @@ def test_parallel_jobs_run_each_module_in_one_worker_process(tmp_path, monkeypat
             registry.needs("zzpar_two", "zzpar-pre")
 
 
-def test_makespan_hands_jobs_to_the_first_free_worker():
-    assert registry._makespan([5.0, 3.0, 3.0], 2) == 6.0 and registry._makespan([5.0, 3.0], 1) == 8.0
+def test_schedule_takes_the_largest_ready_group_and_waits_for_builds(monkeypatch):
+    """The simulated policy of _run_parallel: builds first, then the largest group whose prerequisites are
+    built; a group needing a build starts when the build is done, ahead of smaller groups still pending."""
+    monkeypatch.setattr(registry, "FIGURES", {n: registry.FigureSpec(n, lambda quick=False: {}, "", f"zzs_{n}")
+                                              for n in ("big", "img", "s1", "s2")}, raising=True)
+    monkeypatch.setattr(registry, "NEEDS", {"zzs_img": ("pre",)})
+    cost = {"big": 10.0, "img": 8.0, "s1": 3.0, "s2": 3.0}.__getitem__
+    groups = [["big"], ["s1"], ["s2"], ["img"]]
+    c = lambda g: cost(g[0])  # noqa: E731
+    # no build: largest first, each to the first free worker: big | img, then s1 (t 8), s2 (t 10)
+    assert registry._schedule({}, groups, c, 2) == 13.0
+    assert registry._schedule({}, groups, c, 1) == 24.0
+    # build 4 s on worker 0 while big runs on worker 1; at t = 4 img (8) is ready and larger than s1, s2:
+    # worker 0 runs img to t = 12, worker 1 big to 10, then s1 (10 -> 13), s2 (12 -> 15)
+    assert registry._schedule({"pre": 4.0}, groups, c, 2) == 15.0
+    # one worker: the build, then img (largest ready after it)... all serial: 4 + 24
+    assert registry._schedule({"pre": 4.0}, groups, c, 1) == 28.0
+    assert registry._pick(groups, {"pre"}, c) == ["big"] and registry._pick([["img"]], {"pre"}, c) is None
 
 
 def test_cli_default_settings_go_to_paper_figs_default_and_full_to_paper_figs(monkeypatch, capsys):

@@ -391,7 +391,8 @@ def _groups(todo: Sequence[str], est: dict) -> list[list[str]]:
 
 def _plan(groups: list[list[str]]) -> tuple[list[str], list[list[str]]]:
     """The prerequisites to build first (needed by a group, not ready) and the groups reordered: those that
-    need none of them first, then the others (each part still largest first)."""
+    need none of them first, then the others (each part still largest first); the order in which the
+    groups are listed, and taken by ``_pick`` among equals."""
     missing = []
     for g in groups:
         for p in NEEDS.get(FIGURES[g[0]].module, ()):
@@ -401,13 +402,39 @@ def _plan(groups: list[list[str]]) -> tuple[list[str], list[list[str]]]:
     return missing, [g for g in groups if g not in waits] + waits
 
 
-def _makespan(costs: Sequence[float], jobs: int) -> float:
-    """The finishing time of ``costs`` handed in this order to ``jobs`` workers, each job to the first free
-    worker (what a process pool does)."""
+def _waits(group: Sequence[str], unbuilt) -> bool:
+    """Whether ``group``'s module needs a prerequisite of ``unbuilt`` (not built yet)."""
+    return bool(set(NEEDS.get(FIGURES[group[0]].module, ())) & set(unbuilt))
+
+
+def _pick(pending: Sequence[Sequence[str]], unbuilt, cost: Callable) -> Optional[Sequence[str]]:
+    """The group a free worker takes next: the largest expected ``cost`` among the pending groups whose
+    prerequisites are built (the first of equals); None while every pending group waits for a build."""
+    ready = [g for g in pending if not _waits(g, unbuilt)]
+    return max(ready, key=cost) if ready else None
+
+
+def _schedule(builds: dict, groups: Sequence[Sequence[str]], cost: Callable, jobs: int) -> float:
+    """The expected wall time of ``_run_parallel``'s policy, simulated: ``jobs`` workers; the prerequisite
+    builds (name -> expected seconds) start first, one per free worker; then each free worker takes
+    ``_pick``'s group, and idles until a build it needs is done when every pending group waits for one."""
     free = [0.0] * max(1, jobs)
-    for c in costs:
+    todo_builds, done_at = list(builds), {}
+    pending = list(groups)
+    while todo_builds or pending:
         i = free.index(min(free))
-        free[i] += c
+        t = free[i]
+        if todo_builds:
+            b = todo_builds.pop(0)
+            free[i] = done_at[b] = t + float(builds[b])
+            continue
+        unbuilt = [b for b, at in done_at.items() if at > t]
+        g = _pick(pending, unbuilt, cost)
+        if g is None:  # idle until the next build finishes
+            free[i] = min(done_at[b] for b in unbuilt)
+            continue
+        pending.remove(g)
+        free[i] = t + cost(g)
     return max(free)
 
 
@@ -445,35 +472,50 @@ def _worker_build(name: str) -> float:
 def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, quick: bool,
                   estimate_from: Sequence[Path], jobs: int, modules: Sequence[str], threads: int, est: dict,
                   log: Callable[[str], None]) -> dict[str, dict]:
-    """Build the prerequisites ``build_first``, then run each group of figures, in ``jobs`` worker processes
-    (spawned, ``threads`` torch threads each), in that order (``_plan``'s); log each group as it finishes
-    with the expected remainder."""
+    """Build the prerequisites ``build_first``, then run the groups of figures, in ``jobs`` worker processes
+    (spawned, ``threads`` torch threads each): whenever a worker is free it takes the largest pending group
+    whose prerequisites are built (``_pick``), so a group that waits for a build never holds a worker and
+    the largest groups start as soon as they can; log each build and group as it finishes, with the
+    expected remainder (``_schedule``)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")
+
+    def cost(g):
+        return _cost(g, est)
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                              initargs=(list(modules), threads)) as pool:
-        # a pool hands out tasks in submission order: the builds first, then the groups that do not wait
-        # for them, then those that do (a group that starts before its build is done waits on the builder's lock)
-        builds = [pool.submit(_worker_build, p) for p in build_first]
-        futures = {pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from]): g for g in groups}
-        for name, fut in zip(build_first, builds):
-            fut.add_done_callback(lambda f, name=name: log(f"built {name} in {_fmt_s(f.result())}")
-                                  if f.exception() is None else None)
-        left = {id(g): g for g in groups}
-        for fut in as_completed(futures):
-            g = futures[fut]
-            results.update(fut.result())
-            del left[id(g)]
-            rest = [_cost(gg, est) for gg in left.values()]
-            log(f"done: {', '.join(g)} ({time.perf_counter() - t0:.0f} s since start); "
-                + (f"{len(left)} group(s) left, about {_fmt_s(_makespan(rest, jobs))} more by recorded times"
-                   if left else "all groups done"))
-        for fut in builds:  # a failed build that no group tripped over still fails the run
-            fut.result()
+        unbuilt, pending = set(build_first), list(groups)
+        inflight = {pool.submit(_worker_build, p): ("build", p) for p in build_first}
+
+        def fill():
+            while len(inflight) < jobs and pending:
+                g = _pick(pending, unbuilt, cost)
+                if g is None:
+                    return
+                pending.remove(g)
+                inflight[pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from])] = ("group", g)
+
+        fill()
+        while inflight:
+            finished, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                kind, what = inflight.pop(fut)
+                if kind == "build":  # a failed build fails the run here, before a group needing it starts
+                    log(f"built {what} in {_fmt_s(fut.result())}")
+                    unbuilt.discard(what)
+                    continue
+                results.update(fut.result())
+                left = pending + [g for k, g in inflight.values() if k == "group"]
+                rest = _schedule({p: PREREQUISITES[p].cost_s for p in unbuilt}, left, cost, jobs)
+                log(f"done: {', '.join(what)} ({time.perf_counter() - t0:.0f} s since start); "
+                    + (f"{len(left)} group(s) left, about {_fmt_s(rest)} more by recorded times"
+                       if left else "all groups done"))
+            fill()
     return results
 
 
@@ -516,8 +558,7 @@ def run_figures(names: Sequence[str], out: str | Path, quick: bool = False, prog
         build_first, groups = _plan(groups)
     if todo:
         if parallel:
-            costs = [PREREQUISITES[p].cost_s for p in build_first]
-            span = _makespan(costs + [_cost(g, est) for g in groups], jobs)
+            span = _schedule({p: PREREQUISITES[p].cost_s for p in build_first}, groups, lambda g: _cost(g, est), jobs)
             total = (f"expected {_fmt_s(span)} on {jobs} processes ({_fmt_s(sum(known))} of recorded wall times"
                      + (f", {UNKNOWN_COST_S:.0f} s counted for each figure without one" if n_unknown else "")
                      + "".join(f", {_fmt_s(PREREQUISITES[p].cost_s)} to build {p} first" for p in build_first)
