@@ -801,7 +801,7 @@ def render_times_table(fig_dir: Path = FIG_DIR) -> str:
         rows.append([f"`{n}`", _secs(a), _secs(b)])
     if not rows:
         return "No figure in paper_figs/ records a wall time yet.\n"
-    rows.append(["**sum of the figures' times** (pre-trained models built in the run not included)", f"**{_secs(tot[0])}**",
+    rows.append(["**sum of the figures' times** (a prerequisite build, the digits pipeline, not included; networks trained inside a figure are)", f"**{_secs(tot[0])}**",
                  f"**{_secs(tot[1])}**"])
     return "\n".join(table(["figure", "default settings", "full settings"], rows)).rstrip() + "\n"
 
