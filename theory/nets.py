@@ -175,7 +175,3 @@ def cached(name: str, key: dict, build: Callable[[], nn.Module], train: Callable
         train(model)
     atomic_save_tensors(model.state_dict(), path)
     return model.eval()
-    with torch.random.fork_rng(devices=[]):
-        train(model)
-    atomic_save_tensors(model.state_dict(), path)
-    return model.eval()
