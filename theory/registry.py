@@ -398,8 +398,7 @@ def _plan(groups: list[list[str]]) -> tuple[list[str], list[list[str]]]:
         for p in NEEDS.get(FIGURES[g[0]].module, ()):
             if p not in missing and not PREREQUISITES[p].ready():
                 missing.append(p)
-    waits = [g for g in groups if set(NEEDS.get(FIGURES[g[0]].module, ())) & set(missing)]
-    return missing, [g for g in groups if g not in waits] + waits
+    return missing, [g for g in groups if not _waits(g, missing)] + [g for g in groups if _waits(g, missing)]
 
 
 def _waits(group: Sequence[str], unbuilt) -> bool:
