@@ -789,20 +789,21 @@ def render_times_table(fig_dir: Path = FIG_DIR) -> str:
     (``<fig_dir>/default/``) and its full-settings JSON (``<fig_dir>``) recorded, and the sums. A figure
     that shares its computation with an earlier one of its module records only its own remainder."""
     full = {d["figure"]: d for d in _load(fig_dir)}
-    dflt = {d["figure"]: d for d in _load(Path(fig_dir) / DEFAULT_DIR)} if (Path(fig_dir) / DEFAULT_DIR).is_dir() else {}
+    dflt = {d["figure"]: d for d in _load(Path(fig_dir) / DEFAULT_DIR)}  # none when the folder is missing
     names = [d["figure"] for _, g in _grouped(list(full.values()) + [d for n, d in dflt.items() if n not in full])
              for d in g]
     rows, tot = [], [0.0, 0.0]
     for n in names:
-        a, b = _wall(dflt.get(n)), _wall(full.get(n) if (full.get(n) or {}).get("settings", "full") == "full"
-                                         and not (full.get(n) or {}).get("quick") else None)
+        f = full.get(n, {})
+        a = _wall(dflt.get(n))
+        b = _wall(f) if f.get("settings", "full") == "full" and not f.get("quick") else None  # full settings only
         tot[0] += a or 0.0
         tot[1] += b or 0.0
         rows.append([f"`{n}`", _secs(a), _secs(b)])
     if not rows:
         return "No figure in paper_figs/ records a wall time yet.\n"
-    rows.append(["**sum of the figures' times** (a prerequisite build, the digits pipeline, not included; networks trained inside a figure are)", f"**{_secs(tot[0])}**",
-                 f"**{_secs(tot[1])}**"])
+    rows.append(["**sum of the figures' times** (a prerequisite build, the digits pipeline, not included; "
+                 "networks trained inside a figure are)", f"**{_secs(tot[0])}**", f"**{_secs(tot[1])}**"])
     return "\n".join(table(["figure", "default settings", "full settings"], rows)).rstrip() + "\n"
 
 
