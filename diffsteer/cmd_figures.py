@@ -34,11 +34,12 @@ draft_image_lora reuses draft_image_compare), largest first.
 
 A figure whose PNG and JSON in OUT are current - the JSON records the same settings and the same code
 version (a hash of the source of the figure's module and of every theory/sims/imaging module it
-imports, transitively, leaving out the runner itself) - is skipped; --force recomputes it. Before starting, the command prints each
-figure's expected time (the wall time recorded in its JSON at the same settings) and the expected
-total for the schedule; each figure logs its time as it finishes, and long figures show their own
-progress (rounds, training steps): bars with one process, a line a minute per worker with several. A pre-trained network that is not yet in the cache
-adds its training time once (the digits pipeline: about 7.5 min on one thread).
+imports, transitively, leaving out the runner itself) - is skipped; --force recomputes it. Before
+starting, the command prints each figure's expected time (the wall time recorded in its JSON at the same
+settings) and the expected total for the schedule; each figure logs its time as it finishes, and long
+figures show their own progress (rounds, training steps): bars with one process, a line a minute per
+worker with several. A pre-trained network that is not yet in the cache adds its training time once (the
+digits pipeline: about 7.5 min on one thread).
 
 --replot re-draws the PNGs from the JSONs already in OUT and refreshes their verdicts, without
 computing (for layout or wording changes). Trained pre-trained networks are cached in $DIFFSTEER_CACHE
@@ -70,8 +71,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("figures", help="compute every registered figure (PNG + JSON of the numbers)",
                        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
-                   help="the papers' full settings (about an hour on 2 cores; default: the reduced default settings, "
-                        "minutes)")
+                   help="the papers' full settings (about an hour on 2 cores; default: the reduced default "
+                        "settings, minutes)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these figures (see --list)")
     p.add_argument("--out", default=None,
