@@ -97,11 +97,12 @@ def needs(module: str, *names: str) -> None:
 
 #: the keys of one verdict, and the words a verdict starts with.
 VERDICT_KEYS = ("claim", "verdict", "numbers", "regime", "budget")
-VERDICT_WORDS = ("holds only when", "does not hold", "holds")
+VERDICT_WORDS = ("holds only when", "does not hold", "not resolved", "holds")
 
 
 def verdict_word(verdict: str) -> str:
-    """The leading verdict word of a verdict string: "holds", "does not hold" or "holds only when"."""
+    """The leading verdict word of a verdict string: "holds", "does not hold", "holds only when" or "not
+    resolved" (``theory.verdicts.UNRESOLVED``: neither the claim nor its opposite beyond 2 se)."""
     for w in VERDICT_WORDS:
         if verdict.startswith(w):
             return w
@@ -110,8 +111,8 @@ def verdict_word(verdict: str) -> str:
 
 def check_verdicts(name: str, verdicts) -> list[dict]:
     """Validate what a figure's ``verdicts`` function returned: a list of dicts, each with the string keys
-    ``claim`` (the paper's claim), ``verdict`` (starting with "holds", "does not hold" or "holds only
-    when"), ``numbers`` (the measured numbers with their uncertainty), ``regime`` and ``budget``."""
+    ``claim`` (the paper's claim), ``verdict`` (starting with "holds", "does not hold", "holds only
+    when" or "not resolved"), ``numbers`` (the measured numbers with their uncertainty), ``regime`` and ``budget``."""
     if not isinstance(verdicts, (list, tuple)):
         raise ValueError(f"verdicts: figure {name!r} must return a list of dicts, got {type(verdicts).__name__}")
     out = []

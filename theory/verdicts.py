@@ -1,10 +1,17 @@
 """Small helpers for the figures' verdicts on the papers' claims (see ``theory.registry.figure(verdicts=...)``).
 
 A verdict function reads a figure's data as stored in its JSON and returns dicts with the fields ``claim``,
-``verdict``, ``numbers``, ``regime`` and ``budget``. The verdict starts with "holds", "does not hold" or
-"holds only when ..." and is decided by thresholds on standard errors computed here from the stored
+``verdict``, ``numbers``, ``regime`` and ``budget``. The verdict starts with "holds", "does not hold", "holds only when
+..." or "not resolved" and is decided by thresholds on standard errors computed here from the stored
 numbers; the claim text names the paper and carries no measured number, so that the verdicts of two runs
 (default and full settings) can be matched by their claim.
+
+A directional claim ("A beats B") reads "holds" when the difference points the claimed way by more than
+``Z`` standard errors, "does not hold" when it points the other way by more than ``Z`` standard errors, and
+"not resolved" (``UNRESOLVED``) when neither the claim nor its opposite is beyond ``Z`` standard errors
+(``side``): a run with too few seeds or samples then says so rather than reading as a refutation. A claim
+that two numbers agree within a tolerance stays two-valued: "does not hold" there means the gap is
+resolved.
 
 Standard errors used:
 
@@ -20,11 +27,14 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["Z", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict", "by_condition", "beyond",
+__all__ = ["Z", "UNRESOLVED", "side", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict", "by_condition", "beyond",
            "settings_note"]
 
 #: a difference counts as real when it exceeds this many standard errors
 Z = 2.0
+
+#: the verdict word when neither a directional claim nor its opposite is beyond ``Z`` standard errors
+UNRESOLVED = "not resolved"
 
 
 def z_family(m: int, z: float = Z) -> float:
@@ -107,14 +117,33 @@ def beyond(diff: float, se: float, z: float = Z) -> bool:
     return diff > z * se if math.isfinite(se) else diff > 0
 
 
-def by_condition(ok: Mapping[str, bool], what: str) -> str:
-    """The verdict word over conditions: "holds" when every condition passes, "does not hold" when none
-    does, else "holds only when <what> in {the passing ones}"."""
-    good = [k for k, v in ok.items() if v]
+def side(diff: float, se: float, z: float = Z) -> Optional[bool]:
+    """Which side of 0 ``diff`` is resolved on: True when diff > z se, False when diff < -z se, None when
+    neither (|diff| <= z se: not resolved). Without a finite se (one seed) nothing is resolved (None),
+    unless ``diff`` itself is +-inf (then its sign decides)."""
+    diff, se = float(diff), float(se)
+    if math.isnan(diff):
+        return None
+    if math.isinf(diff):
+        return diff > 0
+    if not math.isfinite(se):
+        return None
+    if diff > z * se:
+        return True
+    if diff < -z * se:
+        return False
+    return None
+
+
+def by_condition(ok: Mapping[str, Optional[bool]], what: str) -> str:
+    """The verdict word over conditions, each True (passes), False (fails, resolved) or None (not
+    resolved): "holds" when every condition passes, "holds only when <what> in {the passing ones}" when
+    some do, "not resolved" when none passes and at least one is None, "does not hold" when all fail."""
+    good = [k for k, v in ok.items() if v is True]
     if ok and len(good) == len(ok):
         return "holds"
     if not good:
-        return "does not hold"
+        return UNRESOLVED if any(v is None for v in ok.values()) else "does not hold"
     return f"holds only when {what} in {{{'; '.join(good)}}}"
 
 

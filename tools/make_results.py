@@ -13,8 +13,8 @@ table claim | verdict | numbers | regime | budget from the JSON's top-level ``ve
 README.md's table of verdicts, between the markers ``<!-- verdicts:begin -->`` and ``<!-- verdicts:end -->``,
 has one row per verdict of every figure in ``paper_figs/``, and a column saying whether the run at the
 default (reduced) settings, ``paper_figs/default/<figure>.json``, reaches the same leading verdict word
-("holds", "does not hold", "holds only when") for the same claim. README's table of run times, between
-``<!-- times:begin -->`` and ``<!-- times:end -->``, lists each figure's recorded wall time in the default
+("holds", "does not hold", "holds only when", "not resolved") for the same claim. README's table of run
+times, between ``<!-- times:begin -->`` and ``<!-- times:end -->``, lists each figure's recorded wall time in the default
 run and in the full run (the ``wall_time_s`` of both JSONs) and their sums.
 Known figures have a renderer below that picks their key numbers into tables; any other figure gets a
 generic listing of the scalars in its data. The short notes in ``NOTES`` explain how to read a figure;
@@ -39,7 +39,7 @@ TIMES_BEGIN, TIMES_END = "<!-- times:begin -->", "<!-- times:end -->"
 #: README's verdict rows are grouped by paper, in this order (by the claim's start), then in page order
 PAPERS = ("Theory", "Gradient guidance", "CTRL", "DRaFT")
 #: the words a verdict starts with (theory.registry.VERDICT_WORDS; longest first)
-VERDICT_WORDS = ("holds only when", "does not hold", "holds")
+VERDICT_WORDS = ("holds only when", "does not hold", "not resolved", "holds")
 VERDICT_KEYS = ("claim", "verdict", "numbers", "regime", "budget")
 NUMBERS_SHOWN = 120  # characters of a verdict's numbers in README's table (docs/results.md has them all)
 SETTINGS_SHOWN = 40  # settings listed per figure (the JSON holds them all)
@@ -623,7 +623,8 @@ def _verdict_list(doc) -> list[dict]:
 
 
 def verdict_word(verdict: str) -> str:
-    """The leading word of a verdict ("holds", "does not hold", "holds only when"), or "?" if none."""
+    """The leading word of a verdict ("holds", "does not hold", "holds only when", "not resolved"), or "?"
+    if none."""
     return next((w for w in VERDICT_WORDS if verdict.startswith(w)), "?")
 
 
@@ -741,8 +742,9 @@ def _short(text: str, n: int) -> str:
 
 def default_agrees(name: str, v: dict, fig_dir: Path) -> str:
     """Whether the default-settings run (``<fig_dir>/default/<name>.json``) states the same leading verdict
-    word for the same claim: "yes", "no (default: <word>)", "no verdict" (its JSON lacks the claim) or
-    "not run" (no JSON)."""
+    word for the same claim: "yes", "not resolved by default (full: <word>)" (the default run resolves
+    neither the claim nor its opposite where the full run gives <word>), "no (default: <word>)", "no
+    verdict" (its JSON lacks the claim) or "not run" (no JSON)."""
     p = Path(fig_dir) / DEFAULT_DIR / f"{name}.json"
     try:
         doc = json.loads(p.read_text())
@@ -752,7 +754,11 @@ def default_agrees(name: str, v: dict, fig_dir: Path) -> str:
     if other is None:
         return "no verdict"
     a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
-    return "yes" if a == b else f"no (default: {b})"
+    if a == b:
+        return "yes"
+    if b == "not resolved":
+        return f"not resolved by default (full: {a})"
+    return f"no (default: {b})"
 
 
 def render_verdict_table(fig_dir: Path = FIG_DIR) -> str:
