@@ -2,12 +2,11 @@
 model run as one batch (``optimize_batched``, one network call per step for all chains) against the same
 configurations run one at a time (``optimize``), in one run; and Algorithm 2 over several seeds, each
 fine-tuning its own copy of the network, the copies evaluated in one call over stacked parameters
-(``torch.func.functional_call`` + ``vmap``) against the seeds one at a time, and (``--bmm``) against a
-prototype that evaluates the stacked copies of the EpsMLP with one batched matrix product per layer
-(``torch.baddbmm``) instead of ``vmap``: a candidate for ``theory.gradient_guidance._Copies``, tried here
-before the library adopts it.
+(``theory.gradient_guidance._Copies``: one ``torch.baddbmm`` per layer for an unconditional EpsMLP) against
+the seeds one at a time, and (``--vmap``) against the generic path the library keeps for other networks
+(``torch.func.functional_call`` under ``vmap``).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_gg_batched.py [--quick] [--n 32] [--rounds 3] [--bmm]
+    OMP_NUM_THREADS=1 python benchmarks/bench_gg_batched.py [--quick] [--n 32] [--rounds 3] [--vmap]
 
 Configurations: G and G_loss x delta in (0.1, 0.5) x two seeds (8 runs of ``n`` chains); Algorithm 2:
 G_loss at delta 0.1 for four seeds, one fine-tuning step per round from round 0. The network is the EpsMLP of
@@ -31,22 +30,13 @@ from theory.nets import EpsMLP
 from theory.schedules import DiscreteVP
 
 
-class BmmCopies(gg._Copies):
-    """The copies of an EpsMLP without labels, evaluated layer by layer with ``torch.baddbmm`` over the
-    stacked (copies, out, in) weights: the same function as ``_Copies.forward`` (vmap of functional_call)
-    without vmap's per-operator dispatch. Fine-tuning uses ``_Copies.copy`` unchanged."""
+class VmapCopies(gg._Copies):
+    """``_Copies`` forced onto its generic path (vmap of functional_call), which it takes for networks other
+    than an unconditional EpsMLP."""
 
-    def forward(self, x, t, cond=None):
-        base, S = self.base, self.copies
-        p = dict(zip(self.names, self.stacked))
-        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
-        h = torch.cat([x, base.time(t).to(x.dtype)], dim=-1).reshape(S, x.shape[0] // S, -1)
-        layers = [i for i, m in enumerate(base.net) if isinstance(m, torch.nn.Linear)]
-        for j, i in enumerate(layers):
-            h = torch.baddbmm(p[f"net.{i}.bias"].unsqueeze(1), h, p[f"net.{i}.weight"].transpose(1, 2))
-            if j < len(layers) - 1:
-                h = torch.nn.functional.silu(h)
-        return h.reshape(x.shape)
+    def __init__(self, model, copies):
+        super().__init__(model, copies)
+        self._linear = None
 
 
 def main(argv=None):
@@ -55,7 +45,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=32, help="chains per configuration")
     p.add_argument("--rounds", type=int, default=None, help="rounds after round 0 (default 3, quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 3, quick 2)")
-    p.add_argument("--bmm", action="store_true", help="also Algorithm 2 over copies evaluated by torch.baddbmm")
+    p.add_argument("--vmap", action="store_true", help="also Algorithm 2 over copies evaluated by vmap (generic path)")
     a = p.parse_args(argv)
     rounds = a.rounds or (1 if a.quick else 3)
     repeats = a.repeats or (2 if a.quick else 3)
@@ -82,17 +72,17 @@ def main(argv=None):
     cases = {"Algorithm 1 one at a time": lambda: alone(runs),
              "Algorithm 1 batched": lambda: optimize_batched(model, sch, f, runs, **common),
              "Algorithm 2 one at a time": lambda: alone(runs2, ft),
-             "Algorithm 2 batched (vmap)": lambda: optimize_batched(model, sch, f, runs2, finetune=ft, **common)}
+             "Algorithm 2 batched": lambda: optimize_batched(model, sch, f, runs2, finetune=ft, **common)}
 
-    def bmm():
-        saved, gg._Copies = gg._Copies, BmmCopies
+    def vmap():
+        saved, gg._Copies = gg._Copies, VmapCopies
         try:
             return optimize_batched(model, sch, f, runs2, finetune=ft, **common)
         finally:
             gg._Copies = saved
 
-    if a.bmm:
-        cases["Algorithm 2 batched (bmm)"] = bmm
+    if a.vmap:
+        cases["Algorithm 2 batched (vmap)"] = vmap
     times, results = {k: [] for k in cases}, {}
     for _ in range(repeats):
         for k, fn in cases.items():
@@ -106,7 +96,7 @@ def main(argv=None):
     print(f"{'':28s} {'CPU s (all runs)':>16s} {'rounds/s':>9s} {'max |x - x_alone|':>18s}")
     for k, v in med.items():
         nr = len(runs if k.startswith("Algorithm 1") else runs2) * (rounds + 1)
-        ref = results[k.replace(" (vmap)", "").replace(" (bmm)", "").replace("batched", "one at a time")]
+        ref = results[k.replace(" (vmap)", "").replace("batched", "one at a time")]
         diff = max(float((b.x - s_.x).abs().max()) for b, s_ in zip(results[k], ref))
         print(f"{k:28s} {v:16.2f} {nr / v:9.2f} {diff:18.2e}")
     for k in med:

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from theory.gradient_guidance import FineTune, default_grid, optimize, r_off
+from theory.gradient_guidance import FineTune, Run, default_grid, optimize, optimize_batched, r_off
 from theory.solvers import sample
 
 from .config import RunConfig, Setup, SphereConfig
@@ -47,7 +47,9 @@ def _summary(x: torch.Tensor, A: torch.Tensor, direction=None) -> dict:
 @functools.lru_cache(maxsize=None)
 def run(cfg: RunConfig) -> dict:
     """Algorithm 1 (all seeds' chains in one batch, seeded by seeds[0]) or Algorithm 2 (one fine-tuned
-    copy per seed). Returns per seed the per-round stats, mean time per round and kept samples."""
+    copy per seed, all copies sampled together by ``optimize_batched``: each seed's result is that of the
+    seed run alone). Returns per seed the per-round stats, mean time per round (of all seeds' chains) and
+    kept samples."""
     setup = cfg.setup
     sch = schedule_of(setup)
     A = basis(setup)
@@ -60,29 +62,29 @@ def run(cfg: RunConfig) -> dict:
     if hasattr(f, "best_on_span"):
         out["bounds"]["best_on_span"] = f.best_on_span(A)
     out["bounds"]["global_max"] = f.max_value
+    common = dict(dim=setup.D, rounds=cfg.rounds, ts=ts, method="ddpm", keep_rounds=keep)
+    t_all = time.perf_counter()
     if cfg.algorithm == 1:
-        groups = [(cfg.seeds, S * n)]
+        res = optimize(model, sch, f, n=S * n, delta=cfg.delta, guidance=cfg.guidance, sigma_y=cfg.sigma_y,
+                       generator=torch.Generator().manual_seed(cfg.seeds[0]),
+                       metrics=lambda x, fx: [_stats(x[j * n:(j + 1) * n], fx[j * n:(j + 1) * n], A) for j in range(S)],
+                       **common)
+        # (seed, its chains' rows of x, its per-round metrics)
+        per_seed = [(s, slice(j * n, (j + 1) * n), [m[j] for m in res.metrics]) for j, s in enumerate(cfg.seeds)]
+        results = [res] * S
     elif cfg.algorithm == 2:
-        groups = [((s,), n) for s in cfg.seeds]
+        ft = FineTune(start=cfg.start, steps=cfg.ft_steps, lr=cfg.lr)
+        runs = [Run(cfg.guidance, cfg.delta, cfg.sigma_y, seed=int(s), n=n) for s in cfg.seeds]
+        results = optimize_batched(model, sch, f, runs, finetune=ft, metrics=lambda x, fx: _stats(x, fx, A), **common)
+        per_seed = [(s, slice(None), r.metrics) for s, r in zip(cfg.seeds, results)]
     else:
         raise ValueError(f"algorithm: 1 or 2, got {cfg.algorithm}")
-    t_all = time.perf_counter()
-    per_round = []
-    for seeds, batch in groups:
-        def metrics(x, fx, seeds=seeds):
-            return [_stats(x[j * n:(j + 1) * n], fx[j * n:(j + 1) * n], A) for j in range(len(seeds))]
-
-        ft = FineTune(start=cfg.start, steps=cfg.ft_steps, lr=cfg.lr) if cfg.algorithm == 2 else None
-        res = optimize(model, sch, f, n=batch, dim=setup.D, rounds=cfg.rounds, delta=cfg.delta,
-                       guidance=cfg.guidance, sigma_y=cfg.sigma_y, ts=ts, method="ddpm", finetune=ft,
-                       generator=torch.Generator().manual_seed(seeds[0]), metrics=metrics, keep_rounds=keep)
-        per_round.append(sum(res.round_times[1:]) / max(1, cfg.rounds))
-        for j, s in enumerate(seeds):
-            sl = slice(j * n, (j + 1) * n)
-            stats = {key: [m[j][key] for m in res.metrics] for key in res.metrics[0][j]}
-            stats["samples"] = {int(k): _summary(v[sl], A, getattr(f, "theta", None)) for k, v in res.samples.items()}
-            out["seeds"][int(s)] = stats
-    out["time_per_round_s"] = sum(per_round) / len(per_round)
+    per_round = sum(results[0].round_times[1:]) / max(1, cfg.rounds)
+    for (s, sl, mets), res in zip(per_seed, results):
+        stats = {key: [m[key] for m in mets] for key in mets[0]}
+        stats["samples"] = {int(k): _summary(v[sl], A, getattr(f, "theta", None)) for k, v in res.samples.items()}
+        out["seeds"][int(s)] = stats
+    out["time_per_round_s"] = per_round
     out["wall_s"] = time.perf_counter() - t_all
     out["final"] = {key: [out["seeds"][s][key][-1] for s in cfg.seeds]
                     for key in ("f_mean", "f_max", "f_top4", "roff_mean", "roff_top4")}

@@ -7,6 +7,7 @@ Closed forms used (float64, exact score):
   grad_x(g.x0_hat) = alpha P g: G_loss = 2 beta_loss alpha (y - g.x0_hat) P g lies in span(A), while
   G's off-span part is beta_G (y - g.x0_hat) (I - P) g, proportional to g's.
 """
+import copy
 import math
 
 import pytest
@@ -382,3 +383,31 @@ def test_algorithm2_batched_copies_equal_the_runs_one_at_a_time():
                 assert not torch.equal(p, before[k])
     with pytest.raises(ValueError, match="same n"):
         optimize_batched(net, sch, f, [Run(n=2), Run(n=3)], rounds=1, finetune=ft, ts=sch.step_times(5))
+
+
+def test_copies_batched_matmul_path_equals_the_vmap_path():
+    """``_Copies`` evaluates an unconditional EpsMLP with one baddbmm per layer; it must be the same function
+    as the generic vmap(functional_call) path (forced by clearing ``_linear``) for copies with different
+    parameters, values and input gradients (float64: the two paths differ only by summation order, so 1e-12
+    relative). A label-conditional EpsMLP keeps the vmap path."""
+    from theory.gradient_guidance import _Copies
+
+    torch.manual_seed(0)
+    net = EpsMLP(D, hidden=8, depth=3, T=200.0).double()
+    fast = _Copies(net, 3)
+    assert fast._linear == [0, 2, 4, 6]
+    with torch.no_grad():
+        for p in fast.stacked:
+            p.add_(0.1 * torch.randn_like(p))
+    slow = copy.deepcopy(fast)
+    slow._linear = None
+    x = torch.randn(6, D, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(1.0, 200.0, 6, dtype=torch.float64)
+    a, b = fast(x, t), slow(x, t)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ga, = torch.autograd.grad(a.square().sum(), x)
+    gb, = torch.autograd.grad(b.square().sum(), x)
+    torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12)
+    # copy j of the stacked evaluation is copy j alone
+    torch.testing.assert_close(a[2:4], fast.copy(1)(x[2:4], t[2:4]), rtol=1e-12, atol=1e-12)
+    assert _Copies(EpsMLP(D, hidden=8, depth=2, n_classes=3), 2)._linear is None
