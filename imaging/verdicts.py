@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, binom_se, by_condition, num, pm, settings_note, verdict
+from theory.verdicts import Z, binom_se, by_condition, num, pm, settings_note, side, verdict
 
 CTRL = "CTRL (Zhao et al.)"
 GG = "Gradient guidance (Guo et al.)"
@@ -21,7 +21,8 @@ CLAIM_GG_RUNTIME = (f"{GG}: a G_loss pass costs one forward and one vector-Jacob
 def _accuracy_verdicts(acc: dict, n: int, pre: str, dps: str, regime: str, budget: str, what: str,
                        exact: frozenset = frozenset()) -> list[dict]:
     """Both CTRL verdicts from {method: accuracy} measured on n samples each: every method whose name
-    starts with "CTRL" against ``pre`` and against ``dps`` (difference beyond Z binomial se). A reference
+    starts with "CTRL" against ``pre`` and against ``dps`` (difference beyond Z binomial se; "not resolved"
+    when no variant is beyond Z se either way, ``theory.verdicts.side``). A reference
     named in ``exact`` has no sampling error (its accuracy is fixed by the design, see ``ctrl_digits``):
     the se of the difference is then the variant's binomial se alone."""
     variants = {k: float(v) for k, v in acc.items() if k.startswith("CTRL")}
@@ -31,11 +32,12 @@ def _accuracy_verdicts(acc: dict, n: int, pre: str, dps: str, regime: str, budge
         ok, words = {}, []
         for k, a in variants.items():
             se = math.hypot(binom_se(a, n), 0.0 if ref in exact else binom_se(a0, n))
-            ok[k] = beyond(a - a0, se)
+            ok[k] = side(a - a0, se)
             words.append(f"{k} {num(a)} ({pm(a - a0, se)} over {ref})")
         note = (f"; {ref}'s accuracy is exactly 1/K by design, no se" if ref in exact else "")
         out.append(verdict(claim, f"{by_condition(ok, 'variant')} (criterion: {what} above {ref}'s {num(a0)} by "
-                                  f"{num(Z)} binomial se, {n} samples each{note})", "; ".join(words), regime, budget))
+                                  f"{num(Z)} binomial se, {n} samples each{note}; not resolved when within "
+                                  f"{num(Z)} se either way)", "; ".join(words), regime, budget))
     return out
 
 
@@ -78,8 +80,8 @@ def digits_ctrl(data: dict) -> list[dict]:
 def guide(data: dict) -> list[dict]:
     """gg_image_*: per strength, the paired last-round difference of the off-subspace share (G_loss - G)
     below 0 by Z of its stored se; per configuration, the reward gain over the rounds (in pre-trained
-    reward sd) above 0 by Z se; a G_loss round over an unguided pass at most 3 (measured side by side,
-    no se)."""
+    reward sd) above 0 by Z se (both "not resolved" when nothing is beyond Z se either way, ``side``); a
+    G_loss round over an unguided pass at most 3 (measured side by side, no se)."""
     c = data["config"]
     regime = (f"digits pipeline latents {data.get('latent_shape')}, prompt {c.get('prompt')!r}, reward {c.get('reward')}"
               f"{' ' + str(c.get('reward_kwargs')) if c.get('reward_kwargs') else ''}, Algorithm {c.get('algorithm')}, "
@@ -91,17 +93,19 @@ def guide(data: dict) -> list[dict]:
         if "off-subspace" not in key or "difference" not in v:
             continue
         s = key.rsplit("strength", 1)[-1].strip()
-        ok[s] = beyond(-float(v["difference"]), float(v["se"]))
+        ok[s] = side(-float(v["difference"]), float(v["se"]))
         words.append(f"strength {s}: {pm(v['difference'], v['se'])} (G_loss lower in {v.get('rounds_with_G_loss_lower')} "
                      "rounds)")
     out = [verdict(CLAIM_GG_OFF, f"{by_condition(ok, 'strength')} (criterion: last-round G_loss - G share below 0 "
-                                 f"by {num(Z)} paired se)", "; ".join(words), regime, budget)]
+                                 f"by {num(Z)} paired se; not resolved when within {num(Z)} se either way)",
+                 "; ".join(words), regime, budget)]
     ok, words = {}, []
     for k, v in data["summary"].items():
-        ok[k] = beyond(float(v["gain_sd"]), float(v["gain_sd_se"]))
+        ok[k] = side(float(v["gain_sd"]), float(v["gain_sd_se"]))
         words.append(f"{k}: {pm(v['gain_sd'], v['gain_sd_se'])}")
     out.append(verdict(CLAIM_GG_GAIN, f"{by_condition(ok, 'configuration')} (criterion: gain in pre-trained reward sd "
-                                      f"above 0 by {num(Z)} se)", "; ".join(words), regime, budget))
+                                      f"above 0 by {num(Z)} se; not resolved when within {num(Z)} se either way)",
+                       "; ".join(words), regime, budget))
     t = data.get("timing")
     if t:
         r = float(t["ratio_G_loss"])

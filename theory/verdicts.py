@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["Z", "UNRESOLVED", "side", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict", "by_condition", "beyond",
-           "settings_note"]
+__all__ = ["Z", "UNRESOLVED", "side", "word", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict",
+           "by_condition", "beyond", "settings_note"]
 
 #: a difference counts as real when it exceeds this many standard errors
 Z = 2.0
@@ -133,6 +133,11 @@ def side(diff: float, se: float, z: float = Z) -> Optional[bool]:
     if diff < -z * se:
         return False
     return None
+
+
+def word(ok: Optional[bool]) -> str:
+    """The verdict word of one condition: "holds" (True), "does not hold" (False), "not resolved" (None)."""
+    return UNRESOLVED if ok is None else ("holds" if ok else "does not hold")
 
 
 def by_condition(ok: Mapping[str, Optional[bool]], what: str) -> str:

@@ -368,15 +368,18 @@ CLAIM = "CTRL beats classifier-free guidance at small offline sizes when y is a 
 
 
 def _when(ok: dict) -> str:
-    """The verdict word over offline sizes (keys: N as strings): "holds" when CTRL wins at every N, "does not
-    hold" at none, "holds only when N <= N*" (">= N*") when the wins are exactly the smallest (largest) sizes,
-    else the set."""
+    """The verdict word over offline sizes (keys: N as strings; values ``theory.verdicts.side``: True CTRL
+    wins beyond Z se, False loses beyond Z se, None within): "holds" when CTRL wins at every N, "holds only
+    when N <= N*" (">= N*") when the wins are exactly the smallest (largest) sizes, else the set; with no
+    win, "not resolved" when some N is within Z se, "does not hold" when CTRL loses at every N."""
+    from theory.verdicts import UNRESOLVED
+
     sizes = sorted(ok, key=int)
-    good = [n for n in sizes if ok[n]]
+    good = [n for n in sizes if ok[n] is True]
     if good and len(good) == len(sizes):
         return "holds"
     if not good:
-        return "does not hold"
+        return UNRESOLVED if any(ok[n] is None for n in sizes) else "does not hold"
     if good == sizes[: len(good)]:
         return f"holds only when N <= {good[-1]}"
     if good == sizes[-len(good):]:
@@ -412,57 +415,61 @@ def _regime(data: dict, name: str) -> str:
 
 
 def _kl_verdict(data: dict, name: str, claim: str, method: str = "ctrl") -> dict:
-    from theory.verdicts import beyond, num, pm, verdict
+    from theory.verdicts import num, pm, side, verdict
 
     S = data["summary"][name]
     key = "cfg_minus_ctrl_kl" if method == "ctrl" else "cfg_minus_optimum_kl"
     ok, ok_cfg, words = {}, {}, []
     for n, e in S.items():
         d, se, k = e[key]
-        ok[n] = beyond(d, se)
-        ok_cfg[n] = beyond(-d, se)
+        ok[n] = side(d, se)
+        ok_cfg[n] = ok[n] is False
         words.append(f"N={n}: {'CTRL' if method == 'ctrl' else 'CTRL optimum'} {pm(*e[method]['kl'])}, "
                      f"CFG {pm(*e['cfg']['kl'])}, CFG - CTRL {pm(d, se, k)}")
     fl = data["floors"][name]["kl"]
     what = "trained CTRL" if method == "ctrl" else "CTRL's optimum p_phi(y|x)^gamma p(x) with its learned classifier"
-    return verdict(claim, f"{_when(ok)} ({what}; criterion: CFG's KL above CTRL's by {Z} se over seeds; {_losses(ok_cfg)})",
+    return verdict(claim, f"{_when(ok)} ({what}; criterion: CFG's KL above CTRL's by {Z} se over seeds, not "
+                          f"resolved when CTRL wins at no N and is within {Z} se of CFG at some N; {_losses(ok_cfg)})",
                    "; ".join(words) + f"; exact-sample floor {num(fl)}", _regime(data, name), _budget(data))
 
 
 def _acc_verdict(data: dict, name: str, claim: str) -> dict:
-    from theory.verdicts import beyond, num, pm, verdict
+    from theory.verdicts import beyond, num, pm, side, verdict
 
     S = data["summary"][name]
     ok, ok_cfg, words = {}, {}, []
     for n, e in S.items():
         d, se, k = e["ctrl_minus_cfg_accuracy"]
-        ok[n] = beyond(d, se)
-        ok_cfg[n] = beyond(-d, se)
+        ok[n] = side(d, se)
+        ok_cfg[n] = ok[n] is False
         words.append(f"N={n}: CTRL {pm(*e['ctrl']['accuracy'])}, CFG {pm(*e['cfg']['accuracy'])}")
     fl = float(data["floors"][name]["accuracy"])
     above = [n for n, e in S.items() if beyond(float(e["cfg"]["accuracy"][0]) - fl, float(e["cfg"]["accuracy"][1]))]
     note = (f"; CFG's accuracy is above the exact samples' ({num(fl)}) beyond {Z} se at N in {{{', '.join(above)}}}: "
             "its samples avoid the classes' soft edges, which accuracy rewards and the KL does not" if above else "")
     return verdict(claim, f"{_when(ok)} (label accuracy by the true measure; criterion: CTRL's accuracy above CFG's "
-                          f"by {Z} se over seeds; {_losses(ok_cfg)}{note})",
+                          f"by {Z} se over seeds, not resolved when CTRL wins at no N and is within {Z} se of CFG "
+                          f"at some N; {_losses(ok_cfg)}{note})",
                    "; ".join(words) + f"; exact-sample accuracy {num(fl)}", _regime(data, name), _budget(data))
 
 
 def _regime_verdict(data: dict, claim: str) -> dict:
     """At each N run in both settings: CTRL's advantage CFG KL - CTRL KL (paired by seed) in the scalar setting
     minus that in the component setting, se = sqrt(se_s^2 + se_c^2) (independent runs)."""
-    from theory.verdicts import beyond, pm, verdict
+    from theory.verdicts import pm, side, verdict
 
     S, C = data["summary"]["scalar"], data["summary"]["component"]
     ok, ok_rev, words = {}, {}, []
     for n in sorted(set(S) & set(C), key=int):
         (a, sa, k), (b, sb, _) = S[n]["cfg_minus_ctrl_kl"], C[n]["cfg_minus_ctrl_kl"]
         d, se = a - b, math.hypot(sa, sb)
-        ok[n], ok_rev[n] = beyond(d, se), beyond(-d, se)
+        ok[n] = side(d, se)
+        ok_rev[n] = ok[n] is False
         words.append(f"N={n}: scalar {pm(a, sa)}, component {pm(b, sb)}, difference {pm(d, se, k)}")
     rev = [n for n in ok_rev if ok_rev[n]]
     return verdict(claim, f"{_when(ok)} (criterion: CTRL's KL advantage over CFG larger in the scalar setting by {Z} "
-                          f"se; " + (f"smaller beyond {Z} se at N in {{{', '.join(rev)}}})" if rev else
+                          f"se, not resolved when larger at no N and within {Z} se at some N; "
+                          + (f"smaller beyond {Z} se at N in {{{', '.join(rev)}}})" if rev else
                                      f"never smaller beyond {Z} se)"),
                    "; ".join(words), _regime(data, "scalar") + " | against: " + data["descriptions"]["component"],
                    _budget(data))

@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, mean_se, num, pm, settings_note, verdict
+from theory.verdicts import (
+    Z,
+    beyond,
+    binom_se,
+    by_condition,
+    hist_kl_sd,
+    mean_se,
+    num,
+    pm,
+    settings_note,
+    side,
+    verdict,
+)
 
 PAPER = "CTRL (Zhao et al.)"
 FLOOR = "exact target (floor)"
@@ -103,7 +115,7 @@ def density(data: dict) -> list[dict]:
 
 def efficiency(data: dict) -> list[dict]:
     """ctrl_toy_efficiency: per offline size, the paired (same seed) difference CFG KL - CTRL KL over seeds,
-    beyond Z standard errors."""
+    beyond Z standard errors ("not resolved" when no size is beyond Z se either way, ``side``)."""
     by_size: dict = {}
     for r in data["rows"]:
         by_size.setdefault(r["size"], []).append(r)
@@ -111,11 +123,11 @@ def efficiency(data: dict) -> list[dict]:
     n = 0
     for size, rows in sorted(by_size.items()):
         d, se, n = mean_se(float(r["cfg_kl"]) - float(r["ctrl_kl"]) for r in rows)
-        ok[str(size)] = beyond(d, se)
+        ok[str(size)] = side(d, se)
         words.append(f"N = {size}: CTRL {num(mean_se(r['ctrl_kl'] for r in rows)[0])}, CFG "
                      f"{num(mean_se(r['cfg_kl'] for r in rows)[0])}, CFG - CTRL {pm(d, se, n)}")
     return [verdict(CLAIM_EFFICIENCY, f"{by_condition(ok, 'offline pairs N')} (criterion: CFG's KL above CTRL's by {num(Z)} se, "
-                                      "paired by seed)",
+                                      f"paired by seed; not resolved when within {num(Z)} se either way)",
                     "; ".join(words) + f"; floor {num(data.get('kl_floor'))}", _regime(data).split(";")[0]
                     + f"; offline pairs {sorted(by_size)}" + _settings(data),
                     f"{_budget(data).rsplit(';', 1)[0]}; {n} seeds")]
