@@ -730,13 +730,30 @@ def _pm(m: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def _join(verdict_cells: dict, subject: str) -> tuple[str, list]:
-    """('holds' | 'holds only when' | 'does not hold', the cells that hold) from {cell name: bool}."""
-    good = [k for k, ok in verdict_cells.items() if ok]
+    """('holds' | 'holds only when' | 'not resolved' | 'does not hold', the cells that hold) from {cell name:
+    True (holds) | False (fails, resolved) | None (not resolved)}: the rule of ``theory.verdicts.by_condition``
+    (no cell holds: "not resolved" when some cell is None, "does not hold" when every cell fails)."""
+    good = [k for k, ok in verdict_cells.items() if ok is True]
     if good and len(good) == len(verdict_cells):
         return "holds", good
     if good:
         return "holds only when", good
-    return "does not hold", good
+    return ("not resolved" if any(ok is None for ok in verdict_cells.values()) else "does not hold"), good
+
+
+def _side(d: float, se: float) -> Optional[bool]:
+    """``theory.verdicts.side`` at this module's Z: True beyond Z se above 0, False below, None within (or no
+    finite se)."""
+    from theory.verdicts import side
+
+    return side(d, se, Z)
+
+
+def _both(a: Optional[bool], b: Optional[bool]) -> Optional[bool]:
+    """Three-valued 'and': False when either is False, True when both are True, else None."""
+    if a is False or b is False:
+        return False
+    return True if (a is True and b is True) else None
 
 
 def _level(s: dict, fraction: float = 0.5) -> Optional[dict]:
@@ -786,25 +803,26 @@ def verdicts_compare(data: dict) -> list[dict]:
                     f"{w['text'] if w else 'n/a'}; final gain ratio at equal queries "
                     f"{_pm(g['gain_ratio'], g.get('gain_ratio_se'), digits=2)}")
     if cells:
-        word, good = _join({r: v == "holds" for r, v in cells.items()}, "reward")
+        word, good = _join({r: {"holds": True, "fails": False}.get(v) for r, v in cells.items()}, "reward")
         unresolved = [r for r, v in cells.items() if v == "unresolved"]
         if word == "holds":
             verdict = "holds: DRaFT-LV reaches the level faster per reward query on " + ", ".join(good)
         elif word == "holds only when":
             verdict = f"holds only when trained on {', '.join(good)}"
+        elif word == "not resolved":
+            short = [r for r, v in cells.items() if v == "fails"]
+            verdict = (f"not resolved: per reward query DRaFT-LV's speed over ReFL's is neither resolved above 1x "
+                       f"and consistent with 2x nor short of 2x beyond {Z:g} se at {n} seed(s) on "
+                       f"{', '.join(unresolved)}" + (f"; short of 2x on {', '.join(short)}" if short else ""))
         else:
             slower = all(_num(lvl["ratio_mean"]) + Z * _num(lvl["ratio_se"]) < 1 and
                          {x["bound"] for x in lvl["seeds"]} <= {"=", "<="} for lvl in
                          (_level(c["lv_vs_refl"]["diff_queries"]) for c in cl.values() if c.get("lv_vs_refl")) if lvl)
-            verdict = ("does not hold: per reward query DRaFT-LV is "
-                       + ("slower than ReFL (> 2 se below 1x)" if slower and not unresolved else
-                          "short of 2x ReFL's speed" if not unresolved else "not resolved from ReFL's speed")
+            verdict = ("does not hold: per reward query DRaFT-LV is "  # every reward's cell fails: none unresolved
+                       + ("slower than ReFL (> 2 se below 1x)" if slower else "short of 2x ReFL's speed")
                        + " on " + ", ".join(cells))
-        if unresolved and word != "does not hold":
+        if unresolved and word not in ("does not hold", "not resolved"):
             verdict += f" (not resolved at {n} seed(s) on {', '.join(unresolved)})"
-        elif unresolved:
-            verdict += f" (not resolved at {n} seed(s) on {', '.join(unresolved)}; short of 2x elsewhere)" \
-                if len(unresolved) < len(cells) else ""
         out.append({"claim": "DRaFT-LV reaches a reward level about 2x faster than ReFL (DRaFT paper, Clark et al.)",
                     "verdict": verdict, "numbers": "; ".join(nums), "regime": _regime(cfg), "budget": budget})
     cells, nums = {}, []
@@ -820,7 +838,7 @@ def verdicts_compare(data: dict) -> list[dict]:
             if not math.isfinite(se):
                 se = math.hypot(_num(fm.get("final_sample_se")), _num(fd.get("final_sample_se")))
             d = _num(fm["gain"]) - _num(fd["gain"])
-            cells[f"{m} ({r})"] = math.isfinite(se) and d > Z * se
+            cells[f"{m} ({r})"] = _side(d, se)
             lvl = _level(v["diff_queries"])
             nums.append(f"{m} {_pm(fm['gain'], fm['gain_se'], 1e3)} (minus DDPO {d * 1e3:.3g} +- {se * 1e3:.2g}; "
                         f"speed-up {lvl.get('short', lvl['text']) if lvl else 'n/a'})")
@@ -831,8 +849,11 @@ def verdicts_compare(data: dict) -> list[dict]:
         elif word == "holds only when":
             verdict = (f"holds only when the method is one of {', '.join(good)} (gain over DDPO's > {Z:g} se); not for "
                        + ", ".join(k for k in cells if k not in good))
+        elif word == "not resolved":
+            verdict = (f"not resolved: no gradient method's final gain exceeds DDPO's by > {Z:g} se, and "
+                       + ", ".join(k for k, v in cells.items() if v is None) + f" within {Z:g} se of it (or no se)")
         else:
-            verdict = f"does not hold: no gradient method's final gain exceeds DDPO's by > {Z:g} se"
+            verdict = f"does not hold: every gradient method's final gain is below DDPO's by > {Z:g} se"
         out.append({"claim": "Gradient methods (the DRaFT family, ReFL) beat DDPO per reward query (DRaFT paper, "
                              "Clark et al.)", "verdict": verdict, "numbers": "; ".join(nums), "regime": _regime(cfg),
                     "budget": budget})
@@ -842,7 +863,9 @@ def verdicts_compare(data: dict) -> list[dict]:
 def verdicts_diversity(data: dict) -> list[dict]:
     """Verdict of the diversity figure: a KL setting (lam > 0 or DRaFT+'s eps penalty > 0) preserves
     diversity when its judge diversity exceeds that of the run without either by > Z se (se over seeds,
-    independent runs), and the run without either lost diversity against the pre-trained model (> Z se)."""
+    independent runs), and the run without either lost diversity against the pre-trained model (> Z se).
+    "not resolved" when that loss is within Z se (no se: one seed), or when it is resolved but no setting is
+    beyond Z se of lam = 0 either way."""
     cfg, runs, pre = data["config"], data["runs"], data["pretrained"]
 
     def name(r):
@@ -861,7 +884,7 @@ def verdicts_diversity(data: dict) -> list[dict]:
             continue
         se = math.hypot(bse, _num(r.get("judge_diversity_se")))
         d = _num(r["judge_diversity"]) - _num(base["judge_diversity"])
-        cells[name(r)] = math.isfinite(se) and d > Z * se
+        cells[name(r)] = _side(d, se)
         nums.append(f"{name(r)}: {_pm(r['judge_diversity'], r.get('judge_diversity_se'))} ({d:+.3g} +- {se:.2g} over "
                     f"lam = 0; compress {_pm(r['compress'], r.get('compress_se'), 1e3, 4)}; path KL "
                     f"{_num(r.get('kl_last')):.3g})")
@@ -878,9 +901,11 @@ def verdicts_diversity(data: dict) -> list[dict]:
                 if _num(r["lam"]) == 0 and _num(r["eps_penalty"]) == 0]
     if len(per_seed) > 1:
         nums.insert(1, "lam = 0 per seed: " + ", ".join(f"{x:.3g}" for x in per_seed))
-    if not (math.isfinite(bse) and lost > Z * bse):
-        good = [k for k, ok in cells.items() if ok]
-        verdict = (f"does not hold as resolved at {n} seed(s): without the KL term diversity changed by {-lost:+.3g} "
+    lost_side = _side(lost, bse)
+    if lost_side is not True:
+        good = [k for k, ok in cells.items() if ok is True]
+        head = "not resolved" if lost_side is None else "does not hold as resolved"
+        verdict = (f"{head} at {n} seed(s): without the KL term diversity changed by {-lost:+.3g} "
                    + (f"+- {bse:.2g} (se over seeds), not a fall of > {Z:g} se" if math.isfinite(bse) else
                       "(no se: one seed)") + ", so there is no resolved loss for the KL term to prevent; settings "
                    f"above lam = 0 by > {Z:g} se: {', '.join(good) if good else 'none'}")
@@ -889,7 +914,10 @@ def verdicts_diversity(data: dict) -> list[dict]:
         verdict = {"holds": f"holds: every KL / eps-penalty setting keeps more diversity than lam = 0 (> {Z:g} se)",
                    "holds only when": f"holds only when {' or '.join(good)} (> {Z:g} se over lam = 0); not for "
                                       + ", ".join(k for k in cells if k not in good),
-                   "does not hold": f"does not hold: no KL / eps-penalty setting keeps more diversity than lam = 0 "
+                   "not resolved": f"not resolved: no KL / eps-penalty setting keeps more diversity than lam = 0 "
+                                   f"by > {Z:g} se, and " + ", ".join(k for k, v in cells.items() if v is None)
+                                   + f" within {Z:g} se of it",
+                   "does not hold": f"does not hold: every KL / eps-penalty setting keeps less diversity than lam = 0 "
                                     f"by > {Z:g} se"}[word]
     return [{"claim": "The KL term (or DRaFT+'s eps penalty) preserves sample diversity (DRaFT paper, Clark et al.; "
                       "DRaFT+)", "verdict": verdict, "numbers": "; ".join(nums), "regime": regime, "budget": budget}]
@@ -905,7 +933,8 @@ def verdicts_lora(data: dict) -> list[dict]:
     at every scale): scaling is monotone when the reward (signed as the first adapter's reward) at scale 1
     exceeds scale 0 by > Z se and no step between consecutive scales falls by > Z se ('holds only when
     s <= the last scale before a fall'); summing mixes the rewards when the sum's reward lies between the two
-    adapters' own, both differences > Z se."""
+    adapters' own, both differences > Z se. Each reads "not resolved" when nothing refutes it beyond Z se but a
+    rise (a difference) it needs is within Z se."""
     cfg, per = data["config"], data.get("per_adapter", [])
     if not per:
         return []
@@ -923,9 +952,9 @@ def verdicts_lora(data: dict) -> list[dict]:
         tot, tse = _paired(v[1.0], v[0.0], sign)
         falls = [s[j + 1] for j in range(len(s) - 1)
                  if (lambda d: d[0] < -Z * d[1])(_paired(v[s[j + 1]], v[s[j]], sign))]
-        ok = tot > Z * tse
-        mono[i] = ok and not falls
-        if ok and falls and min(falls) > 1.0:
+        ok = _side(tot, tse)
+        mono[i] = False if falls else ok
+        if ok is True and falls and min(falls) > 1.0:
             limits.append(max(x for x in s if x < min(falls)))
         steps = [_paired(v[s[j + 1]], v[s[j]], sign) for j in range(len(s) - 1)]
         nums.append(f"adapter {i}: scale 0 -> 1 {tot * 1e3:+.3g} +- {tse * 1e3:.2g} (x1e-3); steps "
@@ -938,11 +967,14 @@ def verdicts_lora(data: dict) -> list[dict]:
         if all(mono.values()):
             verdict = (f"holds: for every adapter the reward rises from scale 0 to 1 by > {Z:g} se and no step up to "
                        f"{max(_num(r['scale']) for r in pooled):g} falls by > {Z:g} se")
-        elif limits and len(limits) + sum(mono.values()) == len(mono):
+        elif limits and len(limits) + sum(v is True for v in mono.values()) == len(mono):
             verdict = f"holds only when s <= {min(limits):g} (beyond it the reward falls by > {Z:g} se for some adapter)"
+        elif all(v is not False for v in mono.values()):
+            verdict = (f"not resolved: no step falls by > {Z:g} se, and the rise from scale 0 to 1 is within {Z:g} se "
+                       f"for {sum(v is None for v in mono.values())} of {len(mono)} adapters")
         else:
             verdict = (f"does not hold: the rise from scale 0 to 1 exceeds {Z:g} se, without a fall, for "
-                       f"{sum(mono.values())} of {len(mono)} adapters")
+                       f"{sum(v is True for v in mono.values())} of {len(mono)} adapters")
         out.append({"claim": "LoRA scale interpolates the reward monotonically between the pre-trained (0) and "
                              "fine-tuned (1) model and beyond (DRaFT paper, Clark et al., LoRA scaling)",
                     "verdict": verdict, "numbers": "; ".join(nums), "regime": regime, "budget": budget})
@@ -956,7 +988,7 @@ def verdicts_lora(data: dict) -> list[dict]:
         A, M, B = get[(hi, 0.0)], get[(hi, hi)], get[(0.0, hi)]
         d1, e1 = _paired(A, M, sign)
         d2, e2 = _paired(M, B, sign)
-        mix[i] = d1 > Z * e1 and d2 > Z * e2
+        mix[i] = _both(_side(d1, e1), _side(d2, e2))
         nums.append(f"adapter pair {i} ({ra} reward, x1e-3): {ra} alone - sum {d1 * 1e3:+.3g} +- {e1 * 1e3:.2g}, "
                     f"sum - {rb} alone {d2 * 1e3:+.3g} +- {e2 * 1e3:.2g}")
     if mix:
@@ -966,7 +998,11 @@ def verdicts_lora(data: dict) -> list[dict]:
                    "holds only when": f"holds only when the adapter pair is number {', '.join(map(str, good))} of {len(mix)} "
                                       f"(one pair per seed): for pair {', '.join(map(str, bad))} the sum's reward is not "
                                       f"between the two adapters' own by > {Z:g} se",
-                   "does not hold": f"does not hold: no pair's sum lies between the two adapters' rewards by > {Z:g} se"}[word]
+                   "not resolved": f"not resolved: no pair's sum lies between the two adapters' rewards by > {Z:g} se, "
+                                   f"and none lies outside beyond {Z:g} se for pair "
+                                   + ", ".join(str(k) for k, v in mix.items() if v is None),
+                   "does not hold": f"does not hold: every pair's sum lies outside the two adapters' rewards by > "
+                                    f"{Z:g} se"}[word]
         out.append({"claim": "Summing two LoRA adapters trained on different rewards mixes their rewards (DRaFT "
                              "paper, Clark et al., LoRA mixing)", "verdict": verdict, "numbers": "; ".join(nums),
                     "regime": regime, "budget": budget})
