@@ -4,6 +4,7 @@ Usage (from the repository root, standard library only):
 
     python tools/make_results.py            # (re)write docs/results.md and README's verdict table
     python -m tools.make_results --check    # exit 1 if either differs from what the JSONs give
+    python tools/make_results.py --summary  # print README's agree / not resolved / disagree counts
 
 Every figure's JSON (written by ``diffsteer figures``) holds ``figure``, ``description``, ``quick``,
 ``wall_time_s`` and ``data``; newer ones may also hold ``settings``/``config``, ``verdicts`` and
@@ -761,6 +762,30 @@ def default_agrees(name: str, v: dict, fig_dir: Path) -> str:
     return f"no (default: {b})"
 
 
+def agreement_counts(fig_dir: Path = FIG_DIR) -> dict:
+    """Over the verdicts of every figure in ``fig_dir`` (README's table rows): how many the default run
+    ``agrees`` with, leaves ``not resolved`` where the full run resolves them, ``disagrees`` with, and has
+    ``no verdict`` for (its JSON lacks the claim, or no JSON)."""
+    counts = {"agrees": 0, "not resolved": 0, "disagrees": 0, "no verdict": 0}
+    for doc in _load(fig_dir):
+        for v in _verdict_list(doc):
+            a = default_agrees(doc["figure"], v, fig_dir)
+            key = ("agrees" if a == "yes" else "not resolved" if a.startswith("not resolved") else
+                   "disagrees" if a.startswith("no (") else "no verdict")
+            counts[key] += 1
+    return counts
+
+
+def agreement_summary(fig_dir: Path = FIG_DIR) -> str:
+    """README's summary sentence of ``agreement_counts`` (printed by ``--summary``; README's sentence is
+    written by hand from it)."""
+    c = agreement_counts(fig_dir)
+    total = c["agrees"] + c["not resolved"] + c["disagrees"]
+    return (f"{c['agrees']} of the {total} verdicts of the default run agree with the full run's, {c['not resolved']} "
+            f"are not resolved at the default budget (within 2 standard errors either way) and {c['disagrees']} "
+            "disagree" + (f" ({c['no verdict']} without a default verdict)" if c["no verdict"] else ""))
+
+
 def render_verdict_table(fig_dir: Path = FIG_DIR) -> str:
     """README's verdict table: one row per verdict of every figure in ``fig_dir``, in page order."""
     rows = []
@@ -837,8 +862,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT), help="output file (default docs/results.md)")
     ap.add_argument("--readme", default=str(README), help="README whose verdict table to refresh (default README.md)")
     ap.add_argument("--figs", default=str(FIG_DIR), help="figures folder (default paper_figs/)")
+    ap.add_argument("--summary", action="store_true", help="do not write; print how many of the default run's "
+                    "verdicts agree with the full run's, are not resolved at the default budget, or disagree")
     args = ap.parse_args(argv)
     fig_dir, out, readme = Path(args.figs), Path(args.out), Path(args.readme)
+    if args.summary:
+        print(agreement_summary(fig_dir))
+        return 0
     text = render(fig_dir)
     if not readme.exists():
         raise FileNotFoundError(f"readme: {readme} does not exist; pass --readme PATH")
