@@ -316,9 +316,10 @@ CLAIM_BIAS = ("Theory (docs/theory.md §4): started from the untilted p_T, the o
 def verdicts(data: dict) -> list[dict]:
     """The figure's verdicts from its JSON: per gamma, the h-transform's KL to the binned target within Z sd of
     the floor (``theory.verdicts.hist_kl_sd``, n samples each) and its label mass within Z binomial se of the
-    target's; the scaled classifier guidance's KL above the floor by Z sd; the Monte Carlo mean errors within
+    target's; the scaled classifier guidance's KL above the floor by Z sd ("not resolved" within Z sd either
+    way, ``side``); the Monte Carlo mean errors within
     the family-wise threshold ``z_family`` of the closed form at every T."""
-    from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, num, pm, verdict, z_family
+    from theory.verdicts import Z, beyond, binom_se, by_condition, hist_kl_sd, num, pm, side, verdict, z_family
 
     c = data["config"]
     n = int(c["n"])
@@ -337,14 +338,15 @@ def verdicts(data: dict) -> list[dict]:
         if "scaled_cg" in v:
             ks = float(v["scaled_cg"]["kl"])
             sds = math.hypot(hist_kl_sd(ks, fl, n), hist_kl_sd(fl, fl, n))
-            ok_s[num(g)] = beyond(ks - fl, sds)
+            ok_s[num(g)] = side(ks - fl, sds)  # directional: "not resolved" within Z sd of the floor
             words_s.append(f"gamma {num(g)}: scaled classifier guidance KL {num(ks)} vs floor {num(fl)} "
                            f"(gap {pm(ks - fl, sds)}); h-transform {num(kl)}")
     out = [verdict(CLAIM_TARGET, f"{by_condition(ok, 'gamma')} (criterion: KL - floor and |P(y) - target| within "
                                  f"{num(Z)} sd)", "; ".join(words), regime, budget)]
     if ok_s:
         out.append(verdict(CLAIM_SCALED, f"{by_condition(ok_s, 'gamma')} (criterion: its KL above the floor by "
-                                         f"{num(Z)} sd)", "; ".join(words_s), regime, budget))
+                                         f"{num(Z)} sd; not resolved when within {num(Z)} sd either way)",
+                               "; ".join(words_s), regime, budget))
     mc = data["bias_gaussian"]["monte_carlo"]
     zs = [abs(float(m["mc_vs_closed_form_in_se"])) for m in mc]
     zf = z_family(len(zs))

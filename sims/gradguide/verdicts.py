@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, settings_note, verdict
+from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, settings_note, side, verdict
 
 PAPER = "Gradient guidance (Guo et al.)"
 #: "near the pre-trained model's off-support measure": within this factor of it
@@ -45,27 +45,31 @@ def _plateau(curve) -> tuple[bool, float, float]:
 
 def roff(data: dict) -> list[dict]:
     """gg_roff: per algorithm, G's final r_off is above NEAR x the pre-trained model's (beyond Z se over
-    seeds) and G_loss's final r_off is below NEAR x it."""
+    seeds) and G_loss's final r_off is below NEAR x it (no se: a point check). A run whose G_loss is below and
+    whose G is within Z se of NEAR x is not resolved (``side``)."""
     pre = float(data["pretrained_roff"])
     ok, words, budget = {}, [], []
     for alg, title in (("alg1", "Algorithm 1"), ("alg2", "Algorithm 2")):
         g, gl = data[f"{alg}_G"], data[f"{alg}_G_loss"]
         mg, sg, n = mean_se(g["roff_mean"]["final_per_seed"])
         ml, sl, _ = mean_se(gl["roff_mean"]["final_per_seed"])
-        leaves = beyond(mg - NEAR * pre, sg)
+        leaves = side(mg - NEAR * pre, sg)
         near = ml < NEAR * pre
-        ok[title] = leaves and near
+        ok[title] = leaves if near else False
         words.append(f"{title}: G {pm(mg, sg, n)}, {num(mg / pre)}x; G_loss {pm(ml, sl, n)}, {num(ml / pre)}x")
         budget.append(f"{title} {g['rounds']} rounds (delta G {num(g['delta'])}, G_loss {num(gl['delta'])})")
     v = by_condition(ok, "run")
-    return [verdict(CLAIM_ROFF, f"{v} (criterion: final r_off against {num(NEAR)}x the pre-trained model's {num(pre)})",
+    return [verdict(CLAIM_ROFF, f"{v} (criterion: final r_off against {num(NEAR)}x the pre-trained model's {num(pre)}: "
+                                f"G's above by {num(Z)} se, G_loss's below; not resolved when G's is within "
+                                f"{num(Z)} se)",
                     "; ".join(words), f"f1 with theta_2 (off/in-span norm ratio 9), subspace data, trained score"
                     f"{_settings(data)}", "; ".join(budget) + f"; {n} seeds")]
 
 
 def objective(data: dict) -> list[dict]:
-    """gg_objective: Algorithm 1 plateaus below the global maximum (beyond Z se); Algorithm 2 ends within
-    PLATEAU of the way from round 0 to the global maximum."""
+    """gg_objective: Algorithm 1 plateaus below the global maximum (beyond Z se; a plateau within Z se of it
+    is not resolved, ``side``); Algorithm 2 ends within PLATEAU of the way from round 0 to the global maximum
+    (a tolerance check, two-valued)."""
     gmax = float(data["global_max"])
     ok1, ok2, w1, w2 = {}, {}, [], []
     n = 0
@@ -73,7 +77,7 @@ def objective(data: dict) -> list[dict]:
         a1, a2 = data[f"alg1_{kind}"]["f_mean"], data[f"alg2_{kind}"]["f_mean"]
         flat, tail, rel = _plateau(a1["mean"])
         m1, s1, n = mean_se(a1["final_per_seed"])
-        ok1[kind] = flat and beyond(gmax - m1, s1)
+        ok1[kind] = side(gmax - m1, s1) if flat else False
         w1.append(f"{kind}: final {pm(m1, s1, n)}, last tenth of rounds moved it {num(100 * rel, 2)} % of its gain")
         m2, s2, _ = mean_se(a2["final_per_seed"])
         way = (m2 - a2["mean"][0]) / (gmax - a2["mean"][0])
@@ -85,7 +89,8 @@ def objective(data: dict) -> list[dict]:
     rounds = f"{len(data['alg1_G']['f_mean']['mean']) - 1} rounds (Algorithm 1), " \
              f"{len(data['alg2_G']['f_mean']['mean']) - 1} (Algorithm 2); {n} seeds"
     return [verdict(CLAIM_ALG1, f"{by_condition(ok1, 'guidance')} (criterion: plateau: < {num(100 * PLATEAU)} % change over the "
-                                f"last tenth of rounds; below the global max {num(gmax)} beyond {num(Z)} se)",
+                                f"last tenth of rounds; below the global max {num(gmax)} beyond {num(Z)} se; not "
+                                f"resolved when a plateau is within {num(Z)} se of it)",
                     "; ".join(w1), regime, rounds),
             verdict(CLAIM_ALG2, f"{by_condition(ok2, 'guidance')} (criterion: within {num(100 * PLATEAU)} % of the way to the "
                                 f"global max {num(gmax)}, {num(Z)} se)", "; ".join(w2), regime, rounds)]
@@ -202,7 +207,8 @@ def sphere(data: dict) -> list[dict]:
 
 def distributions(data: dict) -> list[dict]:
     """gg_distributions: per run (one seed), the mean |x_perp| over the samples of the last round against
-    round 0 (standard error over the samples): G above NEAR x beyond Z se, G_loss below NEAR x."""
+    round 0 (standard error over the samples): G above NEAR x beyond Z se, G_loss below NEAR x (a point check);
+    not resolved when G_loss is below and G within Z se of NEAR x (``side``)."""
     ok, words = {}, []
     runs = data["runs"]
     for alg, title in (("alg1", "Algorithm 1"), ("alg2", "Algorithm 2")):
@@ -213,11 +219,13 @@ def distributions(data: dict) -> list[dict]:
             mk, sk, nk = mean_se(r["samples"][str(r["rounds"])]["perp_norm"])
             stats[kind] = (m0, mk, sk, nk)
         g, gl = stats["G"], stats["G_loss"]
-        ok[title] = beyond(g[1] - NEAR * g[0], g[2]) and gl[1] < NEAR * gl[0]
+        ok[title] = side(g[1] - NEAR * g[0], g[2]) if gl[1] < NEAR * gl[0] else False
         words.append(f"{title}: |x_perp| G {num(g[0])} -> {pm(g[1], g[2], g[3], 'samples')}, "
                      f"G_loss {num(gl[0])} -> {pm(gl[1], gl[2], gl[3], 'samples')}")
     seed = next(iter(runs.values()))["seed"]
-    return [verdict(CLAIM_ROFF, f"{by_condition(ok, 'run')} (criterion: last round against {num(NEAR)}x round 0's |x_perp|)",
+    return [verdict(CLAIM_ROFF, f"{by_condition(ok, 'run')} (criterion: last round against {num(NEAR)}x round 0's "
+                                f"|x_perp|: G above by {num(Z)} se, G_loss below; not resolved when G is within "
+                                f"{num(Z)} se)",
                     "; ".join(words) + f" (seed {seed} only)",
                     f"f1 with theta_2, subspace data, trained score{_settings(data)}",
                     "; ".join(f"{k} {r['rounds']} rounds" for k, r in runs.items()))]

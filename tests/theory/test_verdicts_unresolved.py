@@ -161,3 +161,42 @@ def test_imaging_verdicts_within_noise_are_not_resolved():
     assert [verdict_word(x["verdict"]) for x in guide(gg(-0.01, 0.1))] == [UNRESOLVED, UNRESOLVED]
     assert [verdict_word(x["verdict"]) for x in guide(gg(0.05, -0.5))] == ["does not hold", "does not hold"]
     assert [verdict_word(x["verdict"]) for x in guide(gg(-0.05, 0.5))] == ["holds", "holds"]
+
+
+def test_gradguide_roff_within_noise_is_not_resolved():
+    """gg_roff: G's final r_off 0.062 +- 0.002 (2 seeds) against NEAR x pre = 0.06 is within 2 se: with
+    G_loss below NEAR x, not resolved; G_loss above NEAR x refutes it whatever G does."""
+    from sims.gradguide.verdicts import NEAR, roff
+
+    pre = 0.03
+
+    def run(final):
+        return {"roff_mean": {"mean": [pre, final[0]], "final_per_seed": final}, "rounds": 1, "delta": 0.2}
+
+    def data(g, gl):
+        return {"alg1_G": run(g), "alg1_G_loss": run(gl), "alg2_G": run(g), "alg2_G_loss": run(gl),
+                "pretrained_roff": pre, "quick": True}
+
+    near = NEAR * pre
+    assert verdict_word(roff(data([near, near + 0.004], [0.035, 0.036]))[0]["verdict"]) == UNRESOLVED
+    assert verdict_word(roff(data([near, near + 0.004], [0.40, 0.41]))[0]["verdict"]) == "does not hold"
+    assert verdict_word(roff(data([0.30, 0.31], [0.035, 0.036]))[0]["verdict"]) == "holds"
+
+
+def test_fig_theory_scaled_guidance_within_noise_is_not_resolved():
+    """theory_tilting's scaled classifier guidance: KL 0.0505 against the floor 0.05 with 10^4 samples (sd of
+    the gap ~0.0032) is within 2 sd: not resolved; 0.2 above the floor: holds."""
+    from sims.fig_theory import CLAIM_SCALED, verdicts
+
+    def data(ks):
+        t = {"kl": 0.05, "kl_floor": 0.05, "label_mass": 0.5, "target_label_mass": 0.5, "scaled_cg": {"kl": ks}}
+        return {"config": {"n": 10000, "T": 1.0, "label": 0, "n_steps": 10, "bins": 20}, "alpha_T": 0.1,
+                "tilted": {"2": t},
+                "bias_gaussian": {"monte_carlo": [{"T": 1.0, "mc_vs_closed_form_in_se": 0.5}],
+                                  "loglog_slope_mean_err_vs_alpha": 1.0, "lam": 1.0}}
+
+    def scaled(ks):
+        return next(v for v in verdicts(data(ks)) if v["claim"] == CLAIM_SCALED)["verdict"]
+
+    assert verdict_word(scaled(0.0505)) == UNRESOLVED
+    assert verdict_word(scaled(0.25)) == "holds"
