@@ -732,13 +732,13 @@ def _pm(m: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
 def _join(verdict_cells: dict, subject: str) -> tuple[str, list]:
     """('holds' | 'holds only when' | 'not resolved' | 'does not hold', the cells that hold) from {cell name:
     True (holds) | False (fails, resolved) | None (not resolved)}: the rule of ``theory.verdicts.by_condition``
-    (no cell holds: "not resolved" when some cell is None, "does not hold" when every cell fails)."""
+    (no cell holds: "does not hold" when some cell fails, "not resolved" when every cell is None)."""
     good = [k for k, ok in verdict_cells.items() if ok is True]
     if good and len(good) == len(verdict_cells):
         return "holds", good
     if good:
         return "holds only when", good
-    return ("not resolved" if any(ok is None for ok in verdict_cells.values()) else "does not hold"), good
+    return ("does not hold" if any(ok is False for ok in verdict_cells.values()) else "not resolved"), good
 
 
 def _side(d: float, se: float) -> Optional[bool]:

@@ -143,12 +143,13 @@ def word(ok: Optional[bool]) -> str:
 def by_condition(ok: Mapping[str, Optional[bool]], what: str) -> str:
     """The verdict word over conditions, each True (passes), False (fails, resolved) or None (not
     resolved): "holds" when every condition passes, "holds only when <what> in {the passing ones}" when
-    some do, "not resolved" when none passes and at least one is None, "does not hold" when all fail."""
+    some do; when none passes, "does not hold" if at least one fails (the claim is refuted somewhere and
+    confirmed nowhere) and "not resolved" if none is resolved either way."""
     good = [k for k, v in ok.items() if v is True]
     if ok and len(good) == len(ok):
         return "holds"
     if not good:
-        return UNRESOLVED if any(v is None for v in ok.values()) else "does not hold"
+        return "does not hold" if any(v is False for v in ok.values()) else UNRESOLVED
     return f"holds only when {what} in {{{'; '.join(good)}}}"
 
 

@@ -371,7 +371,7 @@ def _when(ok: dict) -> str:
     """The verdict word over offline sizes (keys: N as strings; values ``theory.verdicts.side``: True CTRL
     wins beyond Z se, False loses beyond Z se, None within): "holds" when CTRL wins at every N, "holds only
     when N <= N*" (">= N*") when the wins are exactly the smallest (largest) sizes, else the set; with no
-    win, "not resolved" when some N is within Z se, "does not hold" when CTRL loses at every N."""
+    win, "does not hold" when CTRL loses beyond Z se at some N, "not resolved" when every N is within Z se."""
     from theory.verdicts import UNRESOLVED
 
     sizes = sorted(ok, key=int)
@@ -379,7 +379,7 @@ def _when(ok: dict) -> str:
     if good and len(good) == len(sizes):
         return "holds"
     if not good:
-        return UNRESOLVED if any(ok[n] is None for n in sizes) else "does not hold"
+        return "does not hold" if any(ok[n] is False for n in sizes) else UNRESOLVED
     if good == sizes[: len(good)]:
         return f"holds only when N <= {good[-1]}"
     if good == sizes[-len(good):]:
@@ -429,7 +429,7 @@ def _kl_verdict(data: dict, name: str, claim: str, method: str = "ctrl") -> dict
     fl = data["floors"][name]["kl"]
     what = "trained CTRL" if method == "ctrl" else "CTRL's optimum p_phi(y|x)^gamma p(x) with its learned classifier"
     return verdict(claim, f"{_when(ok)} ({what}; criterion: CFG's KL above CTRL's by {Z} se over seeds, not "
-                          f"resolved when CTRL wins at no N and is within {Z} se of CFG at some N; {_losses(ok_cfg)})",
+                          f"resolved when within {Z} se of CFG at every N; {_losses(ok_cfg)})",
                    "; ".join(words) + f"; exact-sample floor {num(fl)}", _regime(data, name), _budget(data))
 
 
@@ -448,8 +448,8 @@ def _acc_verdict(data: dict, name: str, claim: str) -> dict:
     note = (f"; CFG's accuracy is above the exact samples' ({num(fl)}) beyond {Z} se at N in {{{', '.join(above)}}}: "
             "its samples avoid the classes' soft edges, which accuracy rewards and the KL does not" if above else "")
     return verdict(claim, f"{_when(ok)} (label accuracy by the true measure; criterion: CTRL's accuracy above CFG's "
-                          f"by {Z} se over seeds, not resolved when CTRL wins at no N and is within {Z} se of CFG "
-                          f"at some N; {_losses(ok_cfg)}{note})",
+                          f"by {Z} se over seeds, not resolved when within {Z} se of CFG at every "
+                          f"N; {_losses(ok_cfg)}{note})",
                    "; ".join(words) + f"; exact-sample accuracy {num(fl)}", _regime(data, name), _budget(data))
 
 
@@ -468,7 +468,7 @@ def _regime_verdict(data: dict, claim: str) -> dict:
         words.append(f"N={n}: scalar {pm(a, sa)}, component {pm(b, sb)}, difference {pm(d, se, k)}")
     rev = [n for n in ok_rev if ok_rev[n]]
     return verdict(claim, f"{_when(ok)} (criterion: CTRL's KL advantage over CFG larger in the scalar setting by {Z} "
-                          f"se, not resolved when larger at no N and within {Z} se at some N; "
+                          f"se, not resolved when within {Z} se at every N; "
                           + (f"smaller beyond {Z} se at N in {{{', '.join(rev)}}})" if rev else
                                      f"never smaller beyond {Z} se)"),
                    "; ".join(words), _regime(data, "scalar") + " | against: " + data["descriptions"]["component"],

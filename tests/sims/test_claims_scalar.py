@@ -163,7 +163,8 @@ def _data(rows):
 @pytest.mark.parametrize("gaps,word", [
     ({25: 0.3, 50: 0.2, 250: 0.0, 2500: -0.1}, "holds only when N <= 50"),
     ({25: 0.3, 50: 0.2}, "holds ("),
-    ({25: -0.2, 50: 0.0}, "not resolved"),  # no win; N = 50 within 2 se
+    ({25: -0.2, 50: 0.0}, "does not hold"),  # no win; lost at N = 25, N = 50 within 2 se
+    ({25: 0.0, 50: 0.0}, "not resolved"),  # within 2 se at every N
     ({25: -0.2, 50: -0.1}, "does not hold"),
     ({25: 0.0, 50: 0.3, 250: 0.0}, "holds only when N in {50}"),
     ({25: -0.3, 50: 0.0, 250: 0.2, 2500: 0.3}, "holds only when N >= 250"),

@@ -46,10 +46,10 @@ def test_by_condition_three_valued_word_rules(ok):
         assert v == "holds"
     elif good:
         assert v == "holds only when c in {" + "; ".join(good) + "}"
-    elif any(x is None for x in ok.values()):
-        assert v == UNRESOLVED
+    elif any(x is False for x in ok.values()):
+        assert v == "does not hold"  # refuted somewhere, confirmed nowhere
     else:
-        assert v == "does not hold"
+        assert v == UNRESOLVED
     assert verdict_word(v) in ("holds", "holds only when", UNRESOLVED, "does not hold")
 
 
@@ -71,8 +71,10 @@ def test_ctrl_toy_efficiency_within_noise_is_not_resolved():
                 for n, g in gaps.items() for s in range(3)]
         return {"rows": rows, "kl_floor": 0.07, "config": {"base": {"n_eval": 1000, "toy": {}, "ctrl": {}}}}
 
-    v = efficiency(data({50: 0.005, 200: -0.1}))[0]["verdict"]
+    v = efficiency(data({50: 0.005, 200: 0.01}))[0]["verdict"]
     assert v.startswith("not resolved (") and "not resolved when within" in v
+    # refuted at one size, within noise at the other: does not hold
+    assert efficiency(data({50: 0.005, 200: -0.1}))[0]["verdict"].startswith("does not hold (")
     assert efficiency(data({50: -0.05, 200: -0.1}))[0]["verdict"].startswith("does not hold (")
 
 
@@ -127,14 +129,14 @@ def test_draft_toy_within_noise_is_not_resolved():
 
 def test_ctrl_scalar_within_noise_is_not_resolved():
     """claims_ctrl_scalar: CFG - CTRL KL 0 at N = 50 (within 2 se), CFG better at N = 25: no N where CTRL
-    wins, one within noise: not resolved; CFG better at both: does not hold."""
+    wins, one within noise, one refuted: does not hold; within noise at both: not resolved."""
     from sims.claims import ctrl_scalar as cs
     from tests.sims.test_claims_scalar import _data, _rows
 
     v = cs.verdicts(_data(_rows({25: -0.2, 50: 0.0})))
     check_verdicts("claims_ctrl_scalar", v)
-    assert verdict_word(v[0]["verdict"]) == UNRESOLVED and "CFG better beyond 2.0 se at N in {25}" in v[0]["verdict"]
-    assert verdict_word(cs.verdicts(_data(_rows({25: -0.2, 50: -0.1})))[0]["verdict"]) == "does not hold"
+    assert verdict_word(v[0]["verdict"]) == "does not hold" and "CFG better beyond 2.0 se at N in {25}" in v[0]["verdict"]
+    assert verdict_word(cs.verdicts(_data(_rows({25: 0.0, 50: 0.0})))[0]["verdict"]) == UNRESOLVED
 
 
 def test_imaging_verdicts_within_noise_are_not_resolved():
