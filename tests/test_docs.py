@@ -272,8 +272,11 @@ def test_readme_times_table_lists_both_runs_and_their_sums(tmp_path):
         doc = _verdict_doc(name, ["holds"], settings)
         doc["wall_time_s"] = wall
         (folder / f"{name}.json").write_text(json.dumps(doc))
-    readme = f"{mr.BEGIN}\n{mr.END}\n{mr.TIMES_BEGIN}\nSTALE\n{mr.TIMES_END}\n"
+    readme = (f"{mr.BEGIN}\n{mr.END}\n{mr.TIMES_BEGIN}\nSTALE\n{mr.TIMES_END}\n"
+              f"{mr.AGREE_BEGIN}\nSTALE\n{mr.AGREE_END}\n")
     new = mr.render_readme(readme, tmp_path)
     assert "STALE" not in new
+    # claims_a's one verdict agrees ("holds" in both runs); claims_b has no default JSON
+    assert "1 of the 1 verdicts of the default run agree" in new and "(1 without a default verdict)" in new
     assert "| `claims_a` | 12 s | 2.0 min |" in new and "| `claims_b` | - | 30 s |" in new
     assert "| **12 s** | **2.5 min** |" in new

@@ -16,7 +16,9 @@ has one row per verdict of every figure in ``paper_figs/``, and a column saying 
 default (reduced) settings, ``paper_figs/default/<figure>.json``, reaches the same leading verdict word
 ("holds", "does not hold", "holds only when", "not resolved") for the same claim. README's table of run
 times, between ``<!-- times:begin -->`` and ``<!-- times:end -->``, lists each figure's recorded wall time in the default
-run and in the full run (the ``wall_time_s`` of both JSONs) and their sums.
+run and in the full run (the ``wall_time_s`` of both JSONs) and their sums; between ``<!-- agreement:begin -->``
+and ``<!-- agreement:end -->`` it gets the sentence counting how many default verdicts agree, are not resolved at
+the default budget, or disagree (``agreement_summary``).
 Known figures have a renderer below that picks their key numbers into tables; any other figure gets a
 generic listing of the scalars in its data. The short notes in ``NOTES`` explain how to read a figure;
 they hold no measured numbers (those come from the JSONs only).
@@ -37,6 +39,7 @@ README = ROOT / "README.md"
 DEFAULT_DIR = "default"  # the default-settings run's JSONs, inside the figures folder
 BEGIN, END = "<!-- verdicts:begin -->", "<!-- verdicts:end -->"
 TIMES_BEGIN, TIMES_END = "<!-- times:begin -->", "<!-- times:end -->"
+AGREE_BEGIN, AGREE_END = "<!-- agreement:begin -->", "<!-- agreement:end -->"
 #: README's verdict rows are grouped by paper, in this order (by the claim's start), then in page order
 PAPERS = ("Theory", "Gradient guidance", "CTRL", "DRaFT")
 #: the words a verdict starts with (theory.registry.VERDICT_WORDS; longest first)
@@ -777,8 +780,8 @@ def agreement_counts(fig_dir: Path = FIG_DIR) -> dict:
 
 
 def agreement_summary(fig_dir: Path = FIG_DIR) -> str:
-    """README's summary sentence of ``agreement_counts`` (printed by ``--summary``; README's sentence is
-    written by hand from it)."""
+    """README's summary sentence of ``agreement_counts`` (printed by ``--summary``, and written into README
+    between its agreement markers)."""
     c = agreement_counts(fig_dir)
     total = c["agrees"] + c["not resolved"] + c["disagrees"]
     return (f"{c['agrees']} of the {total} verdicts of the default run agree with the full run's, {c['not resolved']} "
@@ -848,10 +851,13 @@ def _replace_between(text: str, begin: str, end: str, body: str, what: str) -> s
 
 def render_readme(text: str, fig_dir: Path = FIG_DIR) -> str:
     """``text`` (README.md) with the verdict table between its markers replaced by a fresh rendering, and
-    the run-time table too where README has its markers."""
+    the run-time table and the agreement sentence too where README has their markers."""
     text = _replace_between(text, BEGIN, END, render_verdict_table(fig_dir), "verdict table")
     if TIMES_BEGIN in text:
         text = _replace_between(text, TIMES_BEGIN, TIMES_END, render_times_table(fig_dir), "run-time table")
+    if AGREE_BEGIN in text:
+        text = _replace_between(text, AGREE_BEGIN, AGREE_END, "- " + agreement_summary(fig_dir) + ".\n",
+                                "default-run agreement sentence")
     return text
 
 
