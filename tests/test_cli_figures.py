@@ -305,6 +305,14 @@ def test_schedule_takes_the_largest_ready_group_and_waits_for_builds(monkeypatch
     # one worker: the build, then img (largest ready after it)... all serial: 4 + 24
     assert registry._schedule({"pre": 4.0}, groups, c, 1) == 28.0
     assert registry._pick(groups, {"pre"}, c) == ["big"] and registry._pick([["img"]], {"pre"}, c) is None
+    # the remainder of a run under way: the build has 1 s left on worker 0, big 6 s on worker 1; pending
+    # img waits for the build (t = 1 -> 9 on worker 0), s1 on worker 1 at 6 -> 9, s2 at 9 -> 12
+    pend = [["s1"], ["s2"], ["img"]]
+    assert registry._schedule({}, pend, c, 2, busy=[(1.0, "pre"), (6.0, None)]) == 12.0
+    # an item over its expected time counts as finishing now; more running items than workers is refused
+    assert registry._schedule({}, [["s1"]], c, 1, busy=[(-5.0, None)]) == 3.0
+    with pytest.raises(ValueError, match="busy"):
+        registry._schedule({}, [], c, 1, busy=[(1.0, None), (1.0, None)])
 
 
 def test_cli_default_settings_go_to_paper_figs_default_and_full_to_paper_figs(monkeypatch, capsys):

@@ -414,12 +414,19 @@ def _pick(pending: Sequence[Sequence[str]], unbuilt, cost: Callable) -> Optional
     return max(ready, key=cost) if ready else None
 
 
-def _schedule(builds: dict, groups: Sequence[Sequence[str]], cost: Callable, jobs: int) -> float:
+def _schedule(builds: dict, groups: Sequence[Sequence[str]], cost: Callable, jobs: int,
+              busy: Sequence[tuple[float, Optional[str]]] = ()) -> float:
     """The expected wall time of ``_run_parallel``'s policy, simulated: ``jobs`` workers; the prerequisite
     builds (name -> expected seconds) start first, one per free worker; then each free worker takes
-    ``_pick``'s group, and idles until a build it needs is done when every pending group waits for one."""
-    free = [0.0] * max(1, jobs)
-    todo_builds, done_at = list(builds), {}
+    ``_pick``'s group, and idles until a build it needs is done when every pending group waits for one.
+    ``busy``: what the workers are running now, as (expected seconds left, the build's name or None for a
+    group): those workers are free only then, and a build in it is done only then (the remainder of a run
+    under way)."""
+    if len(busy) > max(1, jobs):
+        raise ValueError(f"busy: {len(busy)} running items for {jobs} worker(s)")
+    free = [max(0.0, float(left)) for left, _ in busy] + [0.0] * (max(1, jobs) - len(busy))
+    todo_builds = list(builds)
+    done_at = {name: max(0.0, float(left)) for left, name in busy if name is not None}
     pending = list(groups)
     while todo_builds or pending:
         i = free.index(min(free))
@@ -491,6 +498,7 @@ def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, qu
                              initargs=(list(modules), threads)) as pool:
         unbuilt, pending = set(build_first), list(groups)
         inflight = {pool.submit(_worker_build, p): ("build", p) for p in build_first}
+        started = {fut: time.perf_counter() for fut in inflight}
 
         def fill():
             while len(inflight) < jobs and pending:
@@ -498,7 +506,8 @@ def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, qu
                 if g is None:
                     return
                 pending.remove(g)
-                inflight[pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from])] = ("group", g)
+                fut = pool.submit(_worker_run, g, str(out), quick, [str(p) for p in estimate_from])
+                inflight[fut], started[fut] = ("group", g), time.perf_counter()
 
         fill()
         while inflight:
@@ -511,7 +520,11 @@ def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, qu
                     continue
                 results.update(fut.result())
                 left = pending + [g for k, g in inflight.values() if k == "group"]
-                rest = _schedule({p: PREREQUISITES[p].cost_s for p in unbuilt}, left, cost, jobs)
+                # what runs now is charged only its expected time left, so the remainder falls as it runs
+                now = time.perf_counter()
+                busy = [((PREREQUISITES[w].cost_s if k == "build" else cost(w)) - (now - started[f]),
+                         w if k == "build" else None) for f, (k, w) in inflight.items()]
+                rest = _schedule({}, pending, cost, jobs, busy=busy)
                 log(f"done: {', '.join(what)} ({time.perf_counter() - t0:.0f} s since start); "
                     + (f"{len(left)} group(s) left, about {_fmt_s(rest)} more by recorded times"
                        if left else "all groups done"))
