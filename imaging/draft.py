@@ -814,14 +814,15 @@ def verdicts_compare(data: dict) -> list[dict]:
             verdict = (f"not resolved: per reward query DRaFT-LV's speed over ReFL's is neither resolved above 1x "
                        f"and consistent with 2x nor short of 2x beyond {Z:g} se at {n} seed(s) on "
                        f"{', '.join(unresolved)}" + (f"; short of 2x on {', '.join(short)}" if short else ""))
-        else:
+        else:  # no reward's cell holds, at least one fails
+            failing = [r for r, v in cells.items() if v == "fails"]
             slower = all(_num(lvl["ratio_mean"]) + Z * _num(lvl["ratio_se"]) < 1 and
                          {x["bound"] for x in lvl["seeds"]} <= {"=", "<="} for lvl in
-                         (_level(c["lv_vs_refl"]["diff_queries"]) for c in cl.values() if c.get("lv_vs_refl")) if lvl)
-            verdict = ("does not hold: per reward query DRaFT-LV is "  # every reward's cell fails: none unresolved
-                       + ("slower than ReFL (> 2 se below 1x)" if slower else "short of 2x ReFL's speed")
-                       + " on " + ", ".join(cells))
-        if unresolved and word not in ("does not hold", "not resolved"):
+                         (_level(cl[r]["lv_vs_refl"]["diff_queries"]) for r in failing) if lvl)
+            verdict = ("does not hold: per reward query DRaFT-LV is "
+                       + (f"slower than ReFL (> {Z:g} se below 1x)" if slower else "short of 2x ReFL's speed")
+                       + " on " + ", ".join(failing))
+        if unresolved and word != "not resolved":
             verdict += f" (not resolved at {n} seed(s) on {', '.join(unresolved)})"
         out.append({"claim": "DRaFT-LV reaches a reward level about 2x faster than ReFL (DRaFT paper, Clark et al.)",
                     "verdict": verdict, "numbers": "; ".join(nums), "regime": _regime(cfg), "budget": budget})
@@ -852,8 +853,11 @@ def verdicts_compare(data: dict) -> list[dict]:
         elif word == "not resolved":
             verdict = (f"not resolved: no gradient method's final gain exceeds DDPO's by > {Z:g} se, and "
                        + ", ".join(k for k, v in cells.items() if v is None) + f" within {Z:g} se of it (or no se)")
-        else:
-            verdict = f"does not hold: every gradient method's final gain is below DDPO's by > {Z:g} se"
+        else:  # none exceeds DDPO's, at least one is below it beyond Z se
+            within = [k for k, v in cells.items() if v is None]
+            verdict = (f"does not hold: the final gain is below DDPO's by > {Z:g} se for "
+                       + ", ".join(k for k, v in cells.items() if v is False)
+                       + (f"; within {Z:g} se of it (or no se) for {', '.join(within)}" if within else ""))
         out.append({"claim": "Gradient methods (the DRaFT family, ReFL) beat DDPO per reward query (DRaFT paper, "
                              "Clark et al.)", "verdict": verdict, "numbers": "; ".join(nums), "regime": _regime(cfg),
                     "budget": budget})
@@ -917,8 +921,10 @@ def verdicts_diversity(data: dict) -> list[dict]:
                    "not resolved": f"not resolved: no KL / eps-penalty setting keeps more diversity than lam = 0 "
                                    f"by > {Z:g} se, and " + ", ".join(k for k, v in cells.items() if v is None)
                                    + f" within {Z:g} se of it",
-                   "does not hold": f"does not hold: every KL / eps-penalty setting keeps less diversity than lam = 0 "
-                                    f"by > {Z:g} se"}[word]
+                   "does not hold": f"does not hold: {', '.join(k for k, v in cells.items() if v is False)} keep(s) "
+                                    f"less diversity than lam = 0 by > {Z:g} se"
+                                    + "".join(f"; {k} within {Z:g} se of it" for k, v in cells.items() if v is None)
+                   }[word]
     return [{"claim": "The KL term (or DRaFT+'s eps penalty) preserves sample diversity (DRaFT paper, Clark et al.; "
                       "DRaFT+)", "verdict": verdict, "numbers": "; ".join(nums), "regime": regime, "budget": budget}]
 
@@ -1001,8 +1007,10 @@ def verdicts_lora(data: dict) -> list[dict]:
                    "not resolved": f"not resolved: no pair's sum lies between the two adapters' rewards by > {Z:g} se, "
                                    f"and none lies outside beyond {Z:g} se for pair "
                                    + ", ".join(str(k) for k, v in mix.items() if v is None),
-                   "does not hold": f"does not hold: every pair's sum lies outside the two adapters' rewards by > "
-                                    f"{Z:g} se"}[word]
+                   "does not hold": f"does not hold: for pair {', '.join(str(k) for k, v in mix.items() if v is False)} "
+                                    f"the sum's reward lies outside the two adapters' own by > {Z:g} se"
+                                    + "".join(f"; pair {k} within {Z:g} se" for k, v in mix.items() if v is None)
+                   }[word]
         out.append({"claim": "Summing two LoRA adapters trained on different rewards mixes their rewards (DRaFT "
                              "paper, Clark et al., LoRA mixing)", "verdict": verdict, "numbers": "; ".join(nums),
                     "regime": regime, "budget": budget})

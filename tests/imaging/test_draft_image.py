@@ -303,6 +303,10 @@ def test_verdicts_diversity_follow_the_numbers():
     # every setting within 0.85 of lam = 0 (either way): not resolved; every setting below it by more: does not hold
     assert verdict_word(draft.verdicts_diversity(_div_data([14, 14.5, 14, 14.2]))[0]["verdict"]) == "not resolved"
     assert verdict_word(draft.verdicts_diversity(_div_data([16, 14, 14, 14.5]))[0]["verdict"]) == "does not hold"
+    # below lam = 0 by more for two settings, within 0.85 for lam = 0.01: does not hold, and it names which is which
+    v = draft.verdicts_diversity(_div_data([16, 14, 16.2, 14.5]))[0]["verdict"]
+    assert verdict_word(v) == "does not hold" and "lam = 0.001" in v.split("less diversity")[0]
+    assert "lam = 0.01 within 2 se of it" in v
     assert "no resolved loss" in draft.verdicts_diversity(_div_data([20, 20, 20, 20], lost=False))[0]["verdict"]
 
 
