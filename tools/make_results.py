@@ -744,25 +744,31 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3].rstrip() + "..."
 
 
+def _agreement(name: str, v: dict, fig_dir: Path) -> tuple[str, str, str]:
+    """(kind, the full run's word, the default run's word) for verdict ``v`` of figure ``name``: kind is
+    "agrees", "not resolved" (the default run resolves neither the claim nor its opposite where the full
+    run resolves it), "disagrees", "no verdict" (the default JSON lacks the claim) or "not run" (no
+    default JSON); the words are "" where there is no default verdict."""
+    p = Path(fig_dir) / DEFAULT_DIR / f"{name}.json"
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return "not run", "", ""
+    other = next((x for x in _verdict_list(doc) if x["claim"] == v["claim"]), None)
+    if other is None:
+        return "no verdict", "", ""
+    a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
+    return ("agrees" if a == b else "not resolved" if b == "not resolved" else "disagrees"), a, b
+
+
 def default_agrees(name: str, v: dict, fig_dir: Path) -> str:
     """Whether the default-settings run (``<fig_dir>/default/<name>.json``) states the same leading verdict
     word for the same claim: "yes", "not resolved by default (full: <word>)" (the default run resolves
     neither the claim nor its opposite where the full run gives <word>), "no (default: <word>)", "no
     verdict" (its JSON lacks the claim) or "not run" (no JSON)."""
-    p = Path(fig_dir) / DEFAULT_DIR / f"{name}.json"
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return "not run"
-    other = next((x for x in _verdict_list(doc) if x["claim"] == v["claim"]), None)
-    if other is None:
-        return "no verdict"
-    a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
-    if a == b:
-        return "yes"
-    if b == "not resolved":
-        return f"not resolved by default (full: {a})"
-    return f"no (default: {b})"
+    kind, a, b = _agreement(name, v, fig_dir)
+    return {"agrees": "yes", "not resolved": f"not resolved by default (full: {a})",
+            "disagrees": f"no (default: {b})"}.get(kind, kind)
 
 
 def agreement_counts(fig_dir: Path = FIG_DIR) -> dict:
@@ -772,10 +778,8 @@ def agreement_counts(fig_dir: Path = FIG_DIR) -> dict:
     counts = {"agrees": 0, "not resolved": 0, "disagrees": 0, "no verdict": 0}
     for doc in _load(fig_dir):
         for v in _verdict_list(doc):
-            a = default_agrees(doc["figure"], v, fig_dir)
-            key = ("agrees" if a == "yes" else "not resolved" if a.startswith("not resolved") else
-                   "disagrees" if a.startswith("no (") else "no verdict")
-            counts[key] += 1
+            kind = _agreement(doc["figure"], v, fig_dir)[0]
+            counts["no verdict" if kind == "not run" else kind] += 1
     return counts
 
 
