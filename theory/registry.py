@@ -525,7 +525,7 @@ def _run_parallel(build_first: list[str], groups: list[list[str]], out: Path, qu
                 busy = [((PREREQUISITES[w].cost_s if k == "build" else cost(w)) - (now - started[f]),
                          w if k == "build" else None) for f, (k, w) in inflight.items()]
                 rest = _schedule({}, pending, cost, jobs, busy=busy)
-                log(f"done: {', '.join(what)} ({time.perf_counter() - t0:.0f} s since start); "
+                log(f"done: {', '.join(what)} ({now - t0:.0f} s since start); "
                     + (f"{len(left)} group(s) left, about {_fmt_s(rest)} more by recorded times"
                        if left else "all groups done"))
             fill()
