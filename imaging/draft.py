@@ -34,6 +34,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from theory.verdicts import both, condition_word, side
+
 from .configfile import load_dataclass
 
 __all__ = ["DraftImageConfig", "METHOD_LABELS", "REWARDS", "QUICK", "load_config", "strategy_for", "budget_steps",
@@ -729,31 +731,10 @@ def _pm(m: float, se: float, scale: float = 1.0, digits: int = 3) -> str:
     return f"{m:.{digits}g} +- {se:.2g}" if math.isfinite(se) else f"{m:.{digits}g} (no se)"
 
 
-def _join(verdict_cells: dict, subject: str) -> tuple[str, list]:
-    """('holds' | 'holds only when' | 'not resolved' | 'does not hold', the cells that hold) from {cell name:
-    True (holds) | False (fails, resolved) | None (not resolved)}: the rule of ``theory.verdicts.by_condition``
-    (no cell holds: "does not hold" when some cell fails, "not resolved" when every cell is None)."""
-    good = [k for k, ok in verdict_cells.items() if ok is True]
-    if good and len(good) == len(verdict_cells):
-        return "holds", good
-    if good:
-        return "holds only when", good
-    return ("does not hold" if any(ok is False for ok in verdict_cells.values()) else "not resolved"), good
-
-
 def _side(d: float, se: float) -> Optional[bool]:
     """``theory.verdicts.side`` at this module's Z: True beyond Z se above 0, False below, None within (or no
     finite se)."""
-    from theory.verdicts import side
-
     return side(d, se, Z)
-
-
-def _both(a: Optional[bool], b: Optional[bool]) -> Optional[bool]:
-    """Three-valued 'and': False when either is False, True when both are True, else None."""
-    if a is False or b is False:
-        return False
-    return True if (a is True and b is True) else None
 
 
 def _level(s: dict, fraction: float = 0.5) -> Optional[dict]:
@@ -803,7 +784,7 @@ def verdicts_compare(data: dict) -> list[dict]:
                     f"{w['text'] if w else 'n/a'}; final gain ratio at equal queries "
                     f"{_pm(g['gain_ratio'], g.get('gain_ratio_se'), digits=2)}")
     if cells:
-        word, good = _join({r: {"holds": True, "fails": False}.get(v) for r, v in cells.items()}, "reward")
+        word, good = condition_word({r: {"holds": True, "fails": False}.get(v) for r, v in cells.items()})
         unresolved = [r for r, v in cells.items() if v == "unresolved"]
         if word == "holds":
             verdict = "holds: DRaFT-LV reaches the level faster per reward query on " + ", ".join(good)
@@ -844,7 +825,7 @@ def verdicts_compare(data: dict) -> list[dict]:
             nums.append(f"{m} {_pm(fm['gain'], fm['gain_se'], 1e3)} (minus DDPO {d * 1e3:.3g} +- {se * 1e3:.2g}; "
                         f"speed-up {lvl.get('short', lvl['text']) if lvl else 'n/a'})")
     if cells:
-        word, good = _join(cells, "method")
+        word, good = condition_word(cells)
         if word == "holds":
             verdict = f"holds: every gradient method's final gain exceeds DDPO's by > {Z:g} se at equal reward queries"
         elif word == "holds only when":
@@ -914,7 +895,7 @@ def verdicts_diversity(data: dict) -> list[dict]:
                       "(no se: one seed)") + ", so there is no resolved loss for the KL term to prevent; settings "
                    f"above lam = 0 by > {Z:g} se: {', '.join(good) if good else 'none'}")
     else:
-        word, good = _join(cells, "setting")
+        word, good = condition_word(cells)
         verdict = {"holds": f"holds: every KL / eps-penalty setting keeps more diversity than lam = 0 (> {Z:g} se)",
                    "holds only when": f"holds only when {' or '.join(good)} (> {Z:g} se over lam = 0); not for "
                                       + ", ".join(k for k in cells if k not in good),
@@ -994,11 +975,11 @@ def verdicts_lora(data: dict) -> list[dict]:
         A, M, B = get[(hi, 0.0)], get[(hi, hi)], get[(0.0, hi)]
         d1, e1 = _paired(A, M, sign)
         d2, e2 = _paired(M, B, sign)
-        mix[i] = _both(_side(d1, e1), _side(d2, e2))
+        mix[i] = both(_side(d1, e1), _side(d2, e2))
         nums.append(f"adapter pair {i} ({ra} reward, x1e-3): {ra} alone - sum {d1 * 1e3:+.3g} +- {e1 * 1e3:.2g}, "
                     f"sum - {rb} alone {d2 * 1e3:+.3g} +- {e2 * 1e3:.2g}")
     if mix:
-        word, good = _join(mix, "pair")
+        word, good = condition_word(mix)
         bad = [k for k in mix if k not in good]
         verdict = {"holds": f"holds: the sum's reward lies between the two adapters' own for every pair (> {Z:g} se)",
                    "holds only when": f"holds only when the adapter pair is number {', '.join(map(str, good))} of {len(mix)} "

@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Optional
 
-__all__ = ["Z", "UNRESOLVED", "side", "word", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num", "verdict",
-           "by_condition", "beyond", "settings_note"]
+__all__ = ["Z", "UNRESOLVED", "side", "word", "both", "z_family", "mean_se", "binom_se", "hist_kl_sd", "pm", "num",
+           "verdict", "condition_word", "by_condition", "beyond", "settings_note"]
 
 #: a difference counts as real when it exceeds this many standard errors
 Z = 2.0
@@ -140,17 +140,34 @@ def word(ok: Optional[bool]) -> str:
     return UNRESOLVED if ok is None else ("holds" if ok else "does not hold")
 
 
-def by_condition(ok: Mapping[str, Optional[bool]], what: str) -> str:
-    """The verdict word over conditions, each True (passes), False (fails, resolved) or None (not
-    resolved): "holds" when every condition passes, "holds only when <what> in {the passing ones}" when
+def both(*oks: Optional[bool]) -> Optional[bool]:
+    """Three-valued (Kleene) 'and' of conditions, each True, False (resolved against) or None (not resolved):
+    False when any is False, True when every one is True, else None. A plain bool among them (a point check
+    such as "G_loss's r_off is below the line") enters as a resolved condition."""
+    oks = [None if ok is None else bool(ok) for ok in oks]
+    if any(ok is False for ok in oks):
+        return False
+    return True if all(ok is True for ok in oks) else None
+
+
+def condition_word(ok: Mapping[str, Optional[bool]]) -> tuple[str, list]:
+    """The one rule that turns conditions into a verdict word, shared by every verdict module: (word, the
+    passing conditions in ``ok``'s order) with word "holds" when every condition passes, "holds only when" when
     some do; when none passes, "does not hold" if at least one fails (the claim is refuted somewhere and
     confirmed nowhere) and "not resolved" if none is resolved either way."""
     good = [k for k, v in ok.items() if v is True]
     if ok and len(good) == len(ok):
-        return "holds"
-    if not good:
-        return "does not hold" if any(v is False for v in ok.values()) else UNRESOLVED
-    return f"holds only when {what} in {{{'; '.join(good)}}}"
+        return "holds", good
+    if good:
+        return "holds only when", good
+    return ("does not hold" if any(v is False for v in ok.values()) else UNRESOLVED), good
+
+
+def by_condition(ok: Mapping[str, Optional[bool]], what: str) -> str:
+    """The verdict word over conditions (``condition_word``), with the passing ones named:
+    "holds only when <what> in {the passing ones}" when some but not all pass."""
+    w, good = condition_word(ok)
+    return f"{w} {what} in {{{'; '.join(good)}}}" if w == "holds only when" else w
 
 
 def settings_note(quick) -> str:

@@ -38,7 +38,7 @@ from sims.ctrl_toy.methods import AugmentedEps, ClassifierReward, draw, train_ct
 from theory.guidance import classifier_guidance, dps_guidance
 from theory.progress import report
 from theory.registry import figure
-from theory.verdicts import Z, mean_se
+from theory.verdicts import Z, condition_word, mean_se, word
 
 __all__ = ["ConvConfig", "quick_config", "grid_target_kl", "optimal_objective", "references", "run_guided", "run_ctrl_curve", "run", "summarise", "verdicts",
            "VARIANTS", "draw_figure", "fig_ctrl_convergence"]
@@ -356,6 +356,11 @@ def _fmt(ms: dict, digits: int = 3) -> str:
     return f"{ms['mean']:.{digits}f} +- {ms['se']:.{digits}f}"
 
 
+#: a ``_sig`` sign as ``theory.verdicts.side``'s three values, and as words
+_SIDE = {1: True, -1: False, 0: None}
+_REL = {1: "above", -1: "below", 0: "within 2 se of"}
+
+
 def _sig(d: dict, k: float = Z) -> int:
     """+1 / -1 when the mean is more than k standard errors above / below 0, else 0 (also without a se)."""
     if not (math.isfinite(d["mean"]) and math.isfinite(d["se"])):
@@ -384,8 +389,9 @@ def _converged(S: dict) -> tuple:
 def verdicts(data: dict) -> list:
     """The claims' verdicts from the stored numbers (``data['summary']``): a difference counts when it is
     more than 2 standard errors (paired over seeds) from zero. The two directional claims (CTRL's KL above
-    DPS's) read "not resolved" when no budget puts it above and one is within 2 se (``theory.verdicts.side``'s
-    rule, ``by_condition``); Theorem 1 (CTRL's KL not above the optimum's) is a tolerance check, two-valued."""
+    DPS's) take their word from the two budgets (default, converged) by ``theory.verdicts.condition_word``'s
+    rule (the equal-query claim from its one budget); Theorem 1 (CTRL's KL not above the optimum's) is a
+    tolerance check, two-valued."""
     S, c = data["summary"], data["config"]
     n_seeds = len(c["seeds"])
     regime = (f"2-D 4-component Gaussian mixture, label = component, gamma = {c['base']['ctrl']['gamma']:g}; learned "
@@ -408,16 +414,18 @@ def verdicts(data: dict) -> list:
     out = []
     # 1. the earlier verdict: CTRL less accurate than DPS
     s0, s1 = _sig(D0["d_kl_vs_dps"]), _sig(Cv["d_kl_vs_dps"])
-    if s0 > 0 and s1 > 0:
+    w, _ = condition_word({"default": _SIDE[s0], "converged": _SIDE[s1]})
+    if w == "holds":
         v = f"holds: CTRL's KL stays above DPS's at the default budget and after convergence ({cname})"
-    elif s0 > 0:
+    elif w == "holds only when" and s0 > 0:
         v = (f"holds only when CTRL is stopped before convergence (the default {D0['step']} steps): converged "
-             f"({cname}) its KL is " + ("below DPS's" if s1 < 0 else "within 2 se of DPS's"))
+             f"({cname}) its KL is {_REL[s1]} DPS's")
+    elif w == "holds only when":
+        v = (f"holds only when CTRL is trained to convergence ({cname}): at the default {D0['step']} steps its KL is "
+             f"{_REL[s0]} DPS's")
     else:
-        v = (("not resolved: " if 0 in (s0, s1) and s1 <= 0 else "does not hold: ")
-             + ("CTRL's KL is below DPS's" if s0 < 0 else "CTRL's KL is within 2 se of DPS's")
-             + f" already at the default {D0['step']} steps, and converged ({cname}) it is "
-             + ("below" if s1 < 0 else "above" if s1 > 0 else "within 2 se of") + " DPS's")
+        v = (f"{w}: CTRL's KL is {_REL[s0]} DPS's at the default {D0['step']} steps, and converged ({cname}) it is "
+             f"{_REL[s1]} DPS's")
     out.append(dict(claim=("CTRL (Zhao et al.): CTRL is less accurate than DPS on the 2-D toy (the earlier toy "
                            "verdict of ctrl_toy_table)"),
                     verdict=v + CRITERION_SIDE, numbers=f"{row('CTRL default', D0)}; {row('CTRL ' + cname, Cv)}; {ref}",
@@ -427,9 +435,8 @@ def verdicts(data: dict) -> list:
     if Eq is not None:
         se = _sig(Eq["d_kl_vs_dps"])
         n_set = data["n_samples"]
-        v = ("holds" if se > 0 else "does not hold" if se < 0 else "not resolved") + (
-            f": with the {Eq['queries']['mean'] / 1e3:.0f}k reward queries DPS spends on {n_set} samples, default "
-            f"CTRL's KL is " + ("above" if se > 0 else "below" if se < 0 else "within 2 se of") + " DPS's")
+        v = (f"{word(_SIDE[se])}: with the {Eq['queries']['mean'] / 1e3:.0f}k reward queries DPS spends on {n_set} "
+             f"samples, default CTRL's KL is {_REL[se]} DPS's")
         wall = [x for x in Eq["break_even_samples_wall"] if isinstance(x, (int, float))]
         out.append(dict(claim=("CTRL (Zhao et al.): at equal reward queries (CTRL's training queries = DPS's "
                                "sampling queries for the evaluation set) CTRL is less accurate than DPS"),

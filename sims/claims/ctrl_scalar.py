@@ -369,17 +369,14 @@ CLAIM = "CTRL beats classifier-free guidance at small offline sizes when y is a 
 
 def _when(ok: dict) -> str:
     """The verdict word over offline sizes (keys: N as strings; values ``theory.verdicts.side``: True CTRL
-    wins beyond Z se, False loses beyond Z se, None within): "holds" when CTRL wins at every N, "holds only
-    when N <= N*" (">= N*") when the wins are exactly the smallest (largest) sizes, else the set; with no
-    win, "does not hold" when CTRL loses beyond Z se at some N, "not resolved" when every N is within Z se."""
-    from theory.verdicts import UNRESOLVED
+    wins beyond Z se, False loses beyond Z se, None within), by ``theory.verdicts.condition_word``'s rule, with
+    the wins named "N <= N*" (">= N*") when they are exactly the smallest (largest) sizes, else as a set."""
+    from theory.verdicts import condition_word
 
     sizes = sorted(ok, key=int)
-    good = [n for n in sizes if ok[n] is True]
-    if good and len(good) == len(sizes):
-        return "holds"
-    if not good:
-        return "does not hold" if any(ok[n] is False for n in sizes) else UNRESOLVED
+    w, good = condition_word({n: ok[n] for n in sizes})
+    if w != "holds only when":
+        return w
     if good == sizes[: len(good)]:
         return f"holds only when N <= {good[-1]}"
     if good == sizes[-len(good):]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, side, verdict, word
+from theory.verdicts import Z, beyond, both, by_condition, mean_se, num, pm, side, verdict, word
 
 from .experiments import speedup
 
@@ -104,7 +104,7 @@ def grad_k(data: dict) -> list[dict]:
     m, se, n = mean_se(b / a for a, b in zip(N[0], N[-1]))
     means = [sum(r) / len(r) for r in N]
     rising = side(m - 1.0, se)
-    ok = rising if all(b >= a for a, b in zip(means, means[1:])) else False
+    ok = both(all(b >= a for a, b in zip(means, means[1:])), rising)
     c = data.get("config", {})
     return [verdict(CLAIM_GRADK, word(ok) + f" (criterion: |grad_K={ks[-1]}| / |grad_1| above 1 by {num(Z)} se and the "
                                  f"mean norm non-decreasing in K; not resolved when the norms are non-decreasing and "

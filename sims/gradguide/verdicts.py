@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from theory.verdicts import Z, beyond, by_condition, mean_se, num, pm, settings_note, side, verdict
+from theory.verdicts import Z, beyond, both, by_condition, mean_se, num, pm, settings_note, side, verdict
 
 PAPER = "Gradient guidance (Guo et al.)"
 #: "near the pre-trained model's off-support measure": within this factor of it
@@ -55,7 +55,7 @@ def roff(data: dict) -> list[dict]:
         ml, sl, _ = mean_se(gl["roff_mean"]["final_per_seed"])
         leaves = side(mg - NEAR * pre, sg)
         near = ml < NEAR * pre
-        ok[title] = leaves if near else False
+        ok[title] = both(near, leaves)
         words.append(f"{title}: G {pm(mg, sg, n)}, {num(mg / pre)}x; G_loss {pm(ml, sl, n)}, {num(ml / pre)}x")
         budget.append(f"{title} {g['rounds']} rounds (delta G {num(g['delta'])}, G_loss {num(gl['delta'])})")
     v = by_condition(ok, "run")
@@ -77,7 +77,7 @@ def objective(data: dict) -> list[dict]:
         a1, a2 = data[f"alg1_{kind}"]["f_mean"], data[f"alg2_{kind}"]["f_mean"]
         flat, tail, rel = _plateau(a1["mean"])
         m1, s1, n = mean_se(a1["final_per_seed"])
-        ok1[kind] = side(gmax - m1, s1) if flat else False
+        ok1[kind] = both(flat, side(gmax - m1, s1))
         w1.append(f"{kind}: final {pm(m1, s1, n)}, last tenth of rounds moved it {num(100 * rel, 2)} % of its gain")
         m2, s2, _ = mean_se(a2["final_per_seed"])
         way = (m2 - a2["mean"][0]) / (gmax - a2["mean"][0])
@@ -221,7 +221,7 @@ def distributions(data: dict) -> list[dict]:
             mk, sk, nk = mean_se(r["samples"][str(r["rounds"])]["perp_norm"])
             stats[kind] = (m0, mk, sk, nk)
         g, gl = stats["G"], stats["G_loss"]
-        ok[title] = side(g[1] - NEAR * g[0], g[2]) if gl[1] < NEAR * gl[0] else False
+        ok[title] = both(gl[1] < NEAR * gl[0], side(g[1] - NEAR * g[0], g[2]))
         words.append(f"{title}: |x_perp| G {num(g[0])} -> {pm(g[1], g[2], g[3], 'samples')}, "
                      f"G_loss {num(gl[0])} -> {pm(gl[1], gl[2], gl[3], 'samples')}")
     seed = next(iter(runs.values()))["seed"]

@@ -141,6 +141,19 @@ def test_verdicts_within_noise_is_not_a_difference():
     assert vs[0]["verdict"].startswith("not resolved: ") and "not resolved when within 2 se" in vs[0]["verdict"]
 
 
+def test_verdicts_two_budgets_follow_the_shared_word_rule():
+    """The two budgets (default, converged) are two conditions of ``theory.verdicts.condition_word``: CTRL above
+    DPS only when converged reads "holds only when ... convergence"; below DPS at the default budget with the
+    converged run within 2 se reads "does not hold" (refuted at one budget, confirmed at none), as every other
+    verdict module reads it. The curve rises after step 400, so the converged (least-KL) run is the end of
+    the default curve, not its step 400."""
+    vs = cc.verdicts(_synthetic([0.3, 0.10, 0.2], [0.3, 0.25]))  # default -0.03 (6 se), converged +0.07
+    assert vs[0]["verdict"].startswith("holds only when CTRL is trained to convergence")
+    vs = cc.verdicts(_synthetic([0.3, 0.10, 0.135], [0.3, 0.25]))  # default -0.03, converged +0.005 (1 se)
+    assert vs[0]["verdict"].startswith("does not hold: CTRL's KL is below DPS's at the default 400 steps")
+    assert "within 2 se of DPS's" in vs[0]["verdict"]
+
+
 # --- a tiny run of the experiment's code path -------------------------------------------------------------
 
 def test_tiny_run_and_figure(tmp_path):

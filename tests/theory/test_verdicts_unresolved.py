@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from theory.registry import check_verdicts, verdict_word
-from theory.verdicts import UNRESOLVED, beyond, by_condition, side, word
+from theory.verdicts import UNRESOLVED, beyond, both, by_condition, condition_word, side, word
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 positive = st.floats(min_value=1e-6, max_value=1e6, allow_nan=False, allow_infinity=False)
@@ -51,6 +51,34 @@ def test_by_condition_three_valued_word_rules(ok):
     else:
         assert v == UNRESOLVED
     assert verdict_word(v) in ("holds", "holds only when", UNRESOLVED, "does not hold")
+
+
+three = st.sampled_from([True, False, None])
+
+
+@given(st.lists(three, min_size=1, max_size=5))
+def test_both_is_the_three_valued_and(oks):
+    """Kleene's 'and': False dominates, then None; True only when all are True; numpy-style bools (any value
+    whose bool() is the answer) enter as resolved conditions; associative, and ``word`` of it reads as the
+    conjunction of the conditions."""
+    r = both(*oks)
+    assert r is (False if False in oks else None if None in oks else True)
+    assert both(*oks[:1], both(*oks[1:])) is r if len(oks) > 1 else True
+    assert both(*(1 if o is True else 0 if o is False else None for o in oks)) is r
+
+
+@given(st.dictionaries(st.text(alphabet="abcxyz", min_size=1, max_size=4), three, min_size=1, max_size=6))
+def test_condition_word_is_the_rule_every_module_reads(ok):
+    """``condition_word`` is ``by_condition`` without the named set; the passing conditions come back in order;
+    the modules that name their conditions differently (``sims.claims.ctrl_scalar._when`` over offline sizes)
+    give the same word."""
+    from sims.claims.ctrl_scalar import _when
+
+    w, good = condition_word(ok)
+    assert good == [k for k, v in ok.items() if v is True]
+    assert by_condition(ok, "c").startswith(w)
+    sizes = {str(10 * (i + 1)): v for i, v in enumerate(ok.values())}
+    assert _when(sizes).startswith(w)
 
 
 def test_word_and_the_registry_read_not_resolved():
