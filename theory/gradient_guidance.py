@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -76,6 +77,33 @@ def _check_batch(x: torch.Tensor, g: torch.Tensor) -> None:
                          f"{tuple(g.shape)}; build the guidance for this batch (same B and D)")
 
 
+#: per grid point (keyed by the ``ScheduleAt``'s id, which is kept with the entry so that the id stays its
+#: own): the constants G_loss derives from the schedule there, so that a pass over a cached grid computes
+#: them once (Algorithm 1 runs hundreds of passes over one grid, each with a new field)
+_STEP_CONSTANTS: "OrderedDict[int, tuple]" = OrderedDict()
+
+
+def _step_constants(at, a: torch.Tensor, sig: torch.Tensor) -> tuple:
+    """(1/alpha, sigma/alpha, -sigma/alpha, alpha^2) at one time, in alpha's dtype: computed once per grid point
+    when ``at`` is one (0-d coefficients), else (per-sample times, off the grid) every call."""
+    def derive():
+        ia = a.reciprocal()
+        sa = sig * ia
+        return ia, sa, sa.neg(), a * a
+
+    if at is None or a.ndim:
+        return derive()
+    hit = _STEP_CONSTANTS.get(id(at))
+    if hit is not None and hit[0] is at:
+        return hit[1]
+    with torch.inference_mode(False), torch.no_grad():  # plain constants, usable in any later grad mode
+        out = derive()
+    _STEP_CONSTANTS[id(at)] = (at, out)
+    while len(_STEP_CONSTANTS) > 8192:
+        _STEP_CONSTANTS.popitem(last=False)
+    return out
+
+
 def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, lookahead=False, model=None,
                       cond=None) -> Callable:
     """G and G_loss (docs/theory.md §7) as one guidance field for the targets (g, y), chain by chain:
@@ -128,17 +156,18 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
             beta = a / (s2 + h * gsq)
             return (beta * resid)[:, None] * gg
         # J = grad_x (g . x0_hat) = g / alpha + VJP_eps(-sigma g / alpha) (x0_hat = (x - sigma eps) / alpha):
-        # the network's one VJP; u = g . x0_hat = (g . x - sigma g . eps) / alpha, fewest operations per step
-        inv_a = 1 / a
+        # the network's one VJP. With 1/alpha, sigma/alpha and alpha^2 of the step (``_step_constants``):
+        # residual y - g . x0_hat = y - (g . x)/alpha + (sigma/alpha) g . eps, and
+        # 2 beta (y - g . x0_hat) = alpha^2 (y - g . x0_hat) / (alpha^2 sigma_y^2 + h |J|^2)
+        ia, sa, neg_sa, a2 = _step_constants(at, a, sig)
         with torch.enable_grad():
             xg, e, retain = differentiable_eps(model, x, t, cond, eps)
-            (v,) = torch.autograd.grad(e, xg, grad_outputs=gg * col(-sig * inv_a), retain_graph=retain)
-        J = torch.addcmul(v, gg, col(inv_a))
-        u = (torch.linalg.vecdot(gg, x.detach()) - sig * torch.linalg.vecdot(gg, e.detach())) * inv_a
-        resid = yy - u
-        a2 = a**2
-        beta = (a2 / 2) / (a2 * s2 + h * torch.linalg.vecdot(J, J))
-        out = (2 * beta * resid)[:, None] * J
+            (v,) = torch.autograd.grad(e, xg, grad_outputs=gg * col(neg_sa), retain_graph=retain)
+        J = torch.addcmul(v, gg, col(ia))
+        resid = torch.addcmul(torch.addcmul(yy, torch.linalg.vecdot(gg, x.detach()), ia, value=-1),
+                              torch.linalg.vecdot(gg, e.detach()), sa)
+        coef = resid.div(torch.addcmul(a2 * s2, h, torch.linalg.vecdot(J, J))).mul_(a2)
+        out = coef[:, None] * J
         if mixed is None:
             return out
         beta_g = a / (s2 + h * gsq)
@@ -355,8 +384,9 @@ def _plain_mlp_layers(model):
 class _Copies(torch.nn.Module):
     """Algorithm 2's per-run copies of one eps network, each fine-tuned on its own run's samples, evaluated
     in ONE call over stacked parameters (``torch.func.functional_call`` under ``vmap`` over the copies; for an
-    unconditional ``EpsMLP``, the same function as batched matrix products, ``_forward_bmm``): chains [j n, (j + 1) n) use copy j. ``copy(j)`` is copy j alone (for its fine-tuning loss), ``module(j)``
-    a standalone network with its parameters. Parameters are independent slices, so one Adam over the stacked
+    unconditional ``EpsMLP``, the same function as batched matrix products, ``_forward_bmm``): chains
+    [j n, (j + 1) n) use copy j. ``copy(j)`` is copy j alone (for its fine-tuning loss), ``module(j)`` a
+    standalone network with its parameters. Parameters are independent slices, so one Adam over the stacked
     tensors is one Adam per copy."""
 
     def __init__(self, model, copies: int):
@@ -403,7 +433,7 @@ class _Copies(torch.nn.Module):
         S, base = self.copies, self.base
         if x.ndim != 2 or x.shape[1] != base.dim:
             raise ValueError(f"x: EpsMLP expects shape (B, {base.dim}), got {tuple(x.shape)}")
-        p = dict(zip(self.names, self.stacked))
+        p, _ = self._state()
         h = torch.cat([x, base.time(as_time(t, x)).to(x.dtype)], dim=-1).reshape(S, x.shape[0] // S, -1)
         for j, i in enumerate(self._linear):
             h = torch.baddbmm(p[f"net.{i}.bias"].unsqueeze(1), h, p[f"net.{i}.weight"].transpose(1, 2))
