@@ -11,7 +11,9 @@ shared machine wall time mostly measures how often the process was descheduled. 
 vector-Jacobian product (docs/theory.md §7), so the column to compare G_loss/unguided with is
 (forward + VJP)/forward, both measured here on the same network, batch and times. "non-net" is the share
 of the unguided pass spent outside the network, "noise" the part of it that draws the Gaussian noise
-(one generator draw per step, the sampler's randomness itself); the rest is the solver's arithmetic.
+(one generator draw per step, the sampler's randomness itself); the rest is the solver's arithmetic. "bare"
+is the non-network share of the least an eager pass can do (``_bare_pass``: the noise draw, the network and
+the step's three elementwise operations, written out by hand): the floor "non-net" is compared with.
 
 Models: the exact subspace score (D = 64, d = 16, float64; not a network, listed for reference), the
 EpsMLP of sims.gradguide (256 x 3, float32), and a U-Net-sized network: diffusers' UNet2DModel on
@@ -75,6 +77,23 @@ def _network_costs(model, x, ts, g):
     return fwd, time.process_time() - t0, noise
 
 
+def _bare_pass(model, schedule, x, ts, gen):
+    """Seconds of the least an eager DDPM pass can do, written out by hand: per step one noise draw, one
+    network call and the step's three elementwise operations (x_s = c_x x + c_eps eps + c z), with the
+    coefficients precomputed. Its non-network share is the floor the sampler's own is compared with."""
+    from theory.solvers import ddim_coefs, grid_points
+
+    pts = grid_points(schedule, ts, x.shape[0], x.dtype, x.device)
+    coefs = [ddim_coefs(pts[i], pts[i + 1], 1.0) for i in range(len(pts) - 1)]  # DDPM = DDIM with eta 1
+    times = [ts[i].to(x.dtype).expand(x.shape[0]) for i in range(ts.numel() - 1)]
+    t0 = time.process_time()
+    with torch.no_grad():
+        for t, (c_x, c_e, c) in zip(times, coefs):
+            z = torch.randn(x.shape, dtype=x.dtype, generator=gen)
+            x = torch.addcmul(torch.addcmul(c_x * x, c_e, model(x, t, None)), c, z)
+    return time.process_time() - t0
+
+
 def bench(model, schedule, dim, batch, steps, repeats, dtype):
     gen = torch.Generator().manual_seed(0)
     xT = torch.randn(batch, dim, dtype=dtype, generator=gen)
@@ -83,7 +102,7 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
     ts = default_grid(schedule, steps)
     fields = {"unguided": None, "G": make_guidance("G", model, schedule, g, y),
               "G_loss": make_guidance("G_loss", model, schedule, g, y)}
-    times = {k: [] for k in list(fields) + ["fwd", "fwd+vjp", "noise"]}
+    times = {k: [] for k in list(fields) + ["fwd", "fwd+vjp", "noise", "bare"]}
     for r in range(repeats + 1):  # the first round is a warm-up
         for name, field in fields.items():
             t0 = time.process_time()
@@ -91,9 +110,9 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
                 sample(model, schedule, xT, ts, method="ddpm", guidance=field, generator=torch.Generator().manual_seed(1))
             if r:
                 times[name].append(time.process_time() - t0)
-        costs = _network_costs(model, xT, ts, g)
+        costs = _network_costs(model, xT, ts, g) + (_bare_pass(model, schedule, xT, ts, torch.Generator().manual_seed(1)),)
         if r:
-            for k, v in zip(("fwd", "fwd+vjp", "noise"), costs):
+            for k, v in zip(("fwd", "fwd+vjp", "noise", "bare"), costs):
                 times[k].append(v)
     out = {k: statistics.median(v) for k, v in times.items()}
     # ratios within each repeat (its passes and network timings ran back to back), then their median: a
@@ -105,6 +124,7 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
     out["G/unguided"] = statistics.median(a / b for a, b in zip(times["G"], times["unguided"]))
     out["non-net"] = statistics.median(1 - a / b for a, b in zip(times["fwd"], times["unguided"]))
     out["noise share"] = statistics.median(a / b for a, b in zip(times["noise"], times["unguided"]))
+    out["bare non-net"] = statistics.median(1 - a / b for a, b in zip(times["fwd"], times["bare"]))
     return out
 
 
@@ -137,7 +157,7 @@ def main(argv=None):
         models[f"UNet2DModel {n_par:.1f}M (float32)"] = (unet, torch.float32, unet.dim, a.unet_batch, unet_steps)
     print(f"one DDPM sampling pass per column, median of {repeats}, torch threads = {torch.get_num_threads()}")
     print(f"{'model':32s} {'B':>3s} {'steps':>5s} {'unguided s':>10s} {'G s':>8s} {'G_loss s':>9s} "
-          f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'noise':>6s}")
+          f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'noise':>6s} {'bare':>6s}")
     out = {}
     for name, (m, dt, dim, batch, n) in models.items():
         w0 = time.perf_counter()
@@ -147,7 +167,7 @@ def main(argv=None):
         out[name] = t
         print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} "
               f"{t['G_loss/unguided']:10.2f} {t['floor']:11.2f} {t['gap']:+6.1%} {t['G/unguided']:6.2f} "
-              f"{t['non-net']:7.1%} {t['noise share']:6.1%}")
+              f"{t['non-net']:7.1%} {t['noise share']:6.1%} {t['bare non-net']:6.1%}")
     return out
 
 
