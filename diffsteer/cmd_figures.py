@@ -18,7 +18,7 @@ Compute the paper figures into OUT: each figure is a PNG plus a JSON of the numb
 its verdicts on the papers' claims, its wall time and its code version.
 
 Settings: by default the reduced ("default") settings, chosen to run in minutes; --full runs the papers'
-settings (under an hour on 2 cores: 52 min measured). Each figure's JSON says which it holds ("settings":
+settings (under an hour on 2 cores: 47 min measured). Each figure's JSON says which it holds ("settings":
 "default" / "full") and its verdicts; README's verdict table compares the default run's verdicts with the
 full run's.
 
