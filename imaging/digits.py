@@ -206,14 +206,18 @@ def draw(res: dict):
     names = list(res["samples"])
     fig = plt.figure(figsize=(17, 7.2), layout="constrained")
     left, right = fig.subfigures(1, 2, width_ratios=[2.3, 1.4], wspace=0.04)
-    for ax, name in zip(left.subplots(1, len(names)), names):
-        s = np.asarray(res["samples"][name], dtype=float)  # (10, 6, 64)
+    # the grids lie wide (a column per label), two by two, so that they fill the left half's height
+    grid = left.subplots(2, (len(names) + 1) // 2, squeeze=False).ravel()
+    for ax in grid[len(names):]:
+        ax.set_axis_off()
+    for ax, name in zip(grid, names):
+        s = np.asarray(res["samples"][name], dtype=float)  # (10 labels, 6 samples, 64)
         pad = np.full((10, 6, 10, 10), -1.0)  # one blank pixel around each digit
         pad[:, :, 1:9, 1:9] = np.clip(s, -1, 1).reshape(10, 6, 8, 8)
-        tiles = pad.transpose(0, 2, 1, 3).reshape(100, 60)
+        tiles = pad.transpose(1, 2, 0, 3).reshape(60, 100)  # rows: samples, columns: labels
         ax.imshow(-tiles, cmap="gray", vmin=-1, vmax=1)
         acc = res["metrics"][name]["judge_accuracy"]
-        ax.set_title(f"{name}\n(rows: label 0-9; judged acc {acc:.2f})", fontsize=9)
+        ax.set_title(f"{name} (columns: label 0-9; judged acc {acc:.2f})", fontsize=9)
         ax.set_xticks([]), ax.set_yticks([])
     top, bottom = right.subfigures(2, 1, height_ratios=[1, 1.05])
     ax = top.subplots()
