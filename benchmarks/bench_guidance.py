@@ -55,11 +55,15 @@ class FlatUNet(nn.Module):
         return self.unet(x.view((x.shape[0],) + self.shape), t).sample.reshape(x.shape)
 
 
+def _step_times(ts, x):
+    """The (B,) network time of every step of the grid ``ts`` (all but its last point), in x's dtype."""
+    return [ts[i].to(x.dtype).expand(x.shape[0]) for i in range(ts.numel() - 1)]
+
+
 def _network_costs(model, x, ts, g):
     """Seconds of len(ts) - 1 forward passes without a graph, of as many forward passes with a graph plus
     one VJP of (g . eps) with respect to x, at the grid's times, and of as many noise draws."""
-    B = x.shape[0]
-    times = [ts[i].to(x.dtype).expand(B) for i in range(ts.numel() - 1)]
+    times = _step_times(ts, x)
     gen = torch.Generator().manual_seed(1)
     t0 = time.process_time()
     for _ in times:
@@ -85,7 +89,7 @@ def _bare_pass(model, schedule, x, ts, gen):
 
     pts = grid_points(schedule, ts, x.shape[0], x.dtype, x.device)
     coefs = [ddim_coefs(pts[i], pts[i + 1], 1.0) for i in range(len(pts) - 1)]  # DDPM = DDIM with eta 1
-    times = [ts[i].to(x.dtype).expand(x.shape[0]) for i in range(ts.numel() - 1)]
+    times = _step_times(ts, x)
     t0 = time.process_time()
     with torch.no_grad():
         for t, (c_x, c_e, c) in zip(times, coefs):
