@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from sims.ctrl_toy.methods import AugmentedEps, ClassifierReward, draw, train_ct
 from theory.guidance import classifier_guidance, dps_guidance
 from theory.progress import report
 from theory.registry import figure
-from theory.verdicts import Z, condition_word, mean_se, word
+from theory.verdicts import Z, condition_word, mean_se, side, word
 
 __all__ = ["ConvConfig", "quick_config", "grid_target_kl", "optimal_objective", "references", "run_guided", "run_ctrl_curve", "run", "summarise", "verdicts",
            "VARIANTS", "draw_figure", "fig_ctrl_convergence"]
@@ -356,20 +357,16 @@ def _fmt(ms: dict, digits: int = 3) -> str:
     return f"{ms['mean']:.{digits}f} +- {ms['se']:.{digits}f}"
 
 
-#: a ``_sig`` sign as ``theory.verdicts.side``'s three values, and as words
-_SIDE = {1: True, -1: False, 0: None}
-_REL = {1: "above", -1: "below", 0: "within 2 se of"}
+#: ``_side``'s three values as words
+_REL = {True: "above", False: "below", None: "within 2 se of"}
 
 
-def _sig(d: dict, k: float = Z) -> int:
-    """+1 / -1 when the mean is more than k standard errors above / below 0, else 0 (also without a se)."""
+def _side(d: dict, k: float = Z) -> Optional[bool]:
+    """``theory.verdicts.side`` of a stored {mean, se}: True / False when the mean is more than k standard
+    errors above / below 0, None otherwise (also without a finite mean and se)."""
     if not (math.isfinite(d["mean"]) and math.isfinite(d["se"])):
-        return 0
-    if d["mean"] > k * d["se"]:
-        return 1
-    if d["mean"] < -k * d["se"]:
-        return -1
-    return 0
+        return None
+    return side(d["mean"], d["se"], k)
 
 
 #: how the verdicts decide (appended to each verdict string)
@@ -413,11 +410,11 @@ def verdicts(data: dict) -> list:
 
     out = []
     # 1. the earlier verdict: CTRL less accurate than DPS
-    s0, s1 = _sig(D0["d_kl_vs_dps"]), _sig(Cv["d_kl_vs_dps"])
-    w, _ = condition_word({"default": _SIDE[s0], "converged": _SIDE[s1]})
+    s0, s1 = _side(D0["d_kl_vs_dps"]), _side(Cv["d_kl_vs_dps"])
+    w, _ = condition_word({"default": s0, "converged": s1})
     if w == "holds":
         v = f"holds: CTRL's KL stays above DPS's at the default budget and after convergence ({cname})"
-    elif w == "holds only when" and s0 > 0:
+    elif w == "holds only when" and s0:
         v = (f"holds only when CTRL is stopped before convergence (the default {D0['step']} steps): converged "
              f"({cname}) its KL is {_REL[s1]} DPS's")
     elif w == "holds only when":
@@ -433,9 +430,9 @@ def verdicts(data: dict) -> list:
     # 2. equal reward queries
     Eq = S.get("CTRL equal queries")
     if Eq is not None:
-        se = _sig(Eq["d_kl_vs_dps"])
+        se = _side(Eq["d_kl_vs_dps"])
         n_set = data["n_samples"]
-        v = (f"{word(_SIDE[se])}: with the {Eq['queries']['mean'] / 1e3:.0f}k reward queries DPS spends on {n_set} "
+        v = (f"{word(se)}: with the {Eq['queries']['mean'] / 1e3:.0f}k reward queries DPS spends on {n_set} "
              f"samples, default CTRL's KL is {_REL[se]} DPS's")
         wall = [x for x in Eq["break_even_samples_wall"] if isinstance(x, (int, float))]
         out.append(dict(claim=("CTRL (Zhao et al.): at equal reward queries (CTRL's training queries = DPS's "
@@ -445,17 +442,17 @@ def verdicts(data: dict) -> list:
                                             f"{_fmt(dps['wall_s'], 2)} s per {n_set} samples)"),
                         regime=regime, budget=_budget(S, c, data)))
     # 3. Theorem 1: CTRL reaches its tilted target
-    t_def, t_best = _sig(Dend["d_kl_vs_optimum"]), _sig(Cv["d_kl_vs_optimum"])
-    if t_def <= 0:
+    t_def, t_best = _side(Dend["d_kl_vs_optimum"]), _side(Cv["d_kl_vs_optimum"])
+    if t_def is not True:
         v = f"holds: default CTRL at the end of its curve is within 2 se of (or below) the optimum's KL"
-    elif t_best <= 0:
+    elif t_best is not True:
         v = f"holds only when trained with {cname}: default CTRL stays above the optimum's KL"
     else:
         v = (f"does not hold within the budget: the best run ({cname}) stays "
              f"{_fmt(Cv['d_kl_vs_optimum'])} above the optimum's KL")
     pl = S.get("plateau")
     plateau = (f"; default curve's KL change from step {pl['from_step']} to {pl['to_step']}: {_fmt(pl['d_kl'])} "
-               f"({'still falling' if _sig(pl['d_kl']) < 0 else 'plateau within 2 se'})") if pl else ""
+               f"({'still falling' if _side(pl['d_kl']) is False else 'plateau within 2 se'})") if pl else ""
     out.append(dict(claim=("CTRL (Zhao et al.): CTRL's fine-tuned model samples the tilted target "
                            "p_phi(y|x)^gamma p(x) (Theorem 1; p_phi the calibrated classifier it is trained on)"),
                     verdict=v + CRITERION.replace("DPS's", "the optimum's (exact samples of p_phi^gamma p)"), numbers=(f"{row('CTRL default', Dend)} (KL - optimum {_fmt(Dend['d_kl_vs_optimum'])}, "
