@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sims.draft_toy import model as toy
@@ -224,6 +224,7 @@ def test_each_method_raises_its_reward(method, base):
 
 @settings(max_examples=20, deadline=None)
 @given(st.floats(0.2, 5.0), st.floats(0.1, 0.9))
+@example(0.7650203364249771, 0.7650203364249771)  # a == f: the fast curve ends exactly at the level
 def test_speedup_of_linear_curves(a, f):
     """Curves r = r0 + slope * q: reaching r0 + f * gain_slow takes q = f * gain_slow / slope, so the ratio
     of the queries is slope_fast / slope_slow = a exactly (linear interpolation is exact on lines); a fast
@@ -232,7 +233,7 @@ def test_speedup_of_linear_curves(a, f):
 
     q = [0, 100, 200, 300, 400]
     runs = lambda slope: [{"curve": [{"queries": x, "step": x // 10, "updates": x // 10, "wall_time": x / 50,
-                                      "reward_a": -5.0 + slope * x / 400} for x in q]}]
+                                      "reward_a": -5.0 + slope * (x / 400)} for x in q]}]  # end: exactly r0 + slope
     data = {"runs": {"fast": runs(a * 1.0), "slow": runs(1.0)}}
     for axis in ("queries", "steps", "wall_time"):
         lv = speedup(data, "fast", "slow", fractions=(f,), axis=axis)["levels"][0]
