@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -29,7 +28,7 @@ import torch
 from .engine import update
 from .nets import EpsMLP, dsm_loss
 from .schedules import DiscreteVP, NoiseSchedule, as_time
-from .solvers import differentiable_eps, is_stochastic, sample
+from .solvers import ScheduleAt, differentiable_eps, is_stochastic, sample, schedule_at
 
 __all__ = [
     "GUIDANCES",
@@ -77,33 +76,6 @@ def _check_batch(x: torch.Tensor, g: torch.Tensor) -> None:
                          f"{tuple(g.shape)}; build the guidance for this batch (same B and D)")
 
 
-#: per grid point (keyed by the ``ScheduleAt``'s id, which is kept with the entry so that the id stays its
-#: own): the constants G_loss derives from the schedule there, so that a pass over a cached grid computes
-#: them once (Algorithm 1 runs hundreds of passes over one grid, each with a new field)
-_STEP_CONSTANTS: "OrderedDict[int, tuple]" = OrderedDict()
-
-
-def _step_constants(at, a: torch.Tensor, sig: torch.Tensor) -> tuple:
-    """(1/alpha, sigma/alpha, -sigma/alpha, alpha^2) at one time, in alpha's dtype: computed once per grid point
-    when ``at`` is one (0-d coefficients), else (per-sample times, off the grid) every call."""
-    def derive():
-        ia = a.reciprocal()
-        sa = sig * ia
-        return ia, sa, sa.neg(), a * a
-
-    if at is None or a.ndim:
-        return derive()
-    hit = _STEP_CONSTANTS.get(id(at))
-    if hit is not None and hit[0] is at:
-        return hit[1]
-    with torch.inference_mode(False), torch.no_grad():  # plain constants, usable in any later grad mode
-        out = derive()
-    _STEP_CONSTANTS[id(at)] = (at, out)
-    while len(_STEP_CONSTANTS) > 8192:
-        _STEP_CONSTANTS.popitem(last=False)
-    return out
-
-
 def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, lookahead=False, model=None,
                       cond=None) -> Callable:
     """G and G_loss (docs/theory.md §7) as one guidance field for the targets (g, y), chain by chain:
@@ -145,24 +117,22 @@ def gradient_guidance(schedule: NoiseSchedule, g: torch.Tensor, y, sigma_y=0.1, 
 
     def field(x, t, eps, at=None):
         _check_batch(x, g)
-        if at is not None:
-            a, h, sig = at.alpha, at.sigma2, at.sigma
-        else:
-            a, h = schedule.alpha(t).to(x.dtype), schedule.sigma2(t).to(x.dtype)
-            sig = h.sqrt()
+        if at is None:  # off the solver: the schedule at t, with the same derived coefficients
+            at = ScheduleAt._make(v.to(x.dtype) for v in schedule_at(schedule, t))
+        a, h, sig = at.alpha, at.sigma2, at.sigma
         gg, gsq, yy, s2 = targets(x.dtype)
         if not any_look:  # G: g . x0_hat = (g . x - sigma g . eps) / alpha, without back-propagation
             resid = yy - (torch.linalg.vecdot(gg, x) - sig * torch.linalg.vecdot(gg, eps.detach())) / a
             beta = a / (s2 + h * gsq)
             return (beta * resid)[:, None] * gg
         # J = grad_x (g . x0_hat) = g / alpha + VJP_eps(-sigma g / alpha) (x0_hat = (x - sigma eps) / alpha):
-        # the network's one VJP. With 1/alpha, sigma/alpha and alpha^2 of the step (``_step_constants``):
-        # residual y - g . x0_hat = y - (g . x)/alpha + (sigma/alpha) g . eps, and
+        # the network's one VJP. With 1/alpha, sigma/alpha and alpha^2 of the step (``ScheduleAt``, computed
+        # once per grid by the solver): residual y - g . x0_hat = y - (g . x)/alpha + (sigma/alpha) g . eps, and
         # 2 beta (y - g . x0_hat) = alpha^2 (y - g . x0_hat) / (alpha^2 sigma_y^2 + h |J|^2)
-        ia, sa, neg_sa, a2 = _step_constants(at, a, sig)
+        ia, sa, a2 = at.inv_alpha, at.sigma_over_alpha, at.alpha2
         with torch.enable_grad():
             xg, e, retain = differentiable_eps(model, x, t, cond, eps)
-            (v,) = torch.autograd.grad(e, xg, grad_outputs=gg * col(neg_sa), retain_graph=retain)
+            (v,) = torch.autograd.grad(e, xg, grad_outputs=gg * col(-sa), retain_graph=retain)
         J = torch.addcmul(v, gg, col(ia))
         resid = torch.addcmul(torch.addcmul(yy, torch.linalg.vecdot(gg, x.detach()), ia, value=-1),
                               torch.linalg.vecdot(gg, e.detach()), sa)

@@ -60,13 +60,18 @@ __all__ = [
 
 class ScheduleAt(NamedTuple):
     """The schedule at time t, in the working dtype (docs/theory.md §1): t (B,) as the network sees it,
-    and alpha, sigma, sigma^2, beta either 0-d (one time for the whole batch, as on a grid) or (B,)."""
+    and alpha, sigma, sigma^2, beta either 0-d (one time for the whole batch, as on a grid) or (B,), with
+    Tweedie's coefficients (docs/theory.md §2: x0_hat = x / alpha - (sigma / alpha) eps) and alpha^2, so
+    that fields reading them (G_loss, ``theory.gradient_guidance``) get them once per grid, not per step."""
 
     t: torch.Tensor
     alpha: torch.Tensor
     sigma: torch.Tensor
     sigma2: torch.Tensor
     beta: torch.Tensor
+    inv_alpha: torch.Tensor  # 1 / alpha
+    sigma_over_alpha: torch.Tensor  # sigma / alpha
+    alpha2: torch.Tensor  # alpha^2
 
     def where(self, cond: torch.Tensor, other: "ScheduleAt") -> "ScheduleAt":
         """Per sample: ``other`` where ``cond`` (B,) holds, else self."""
@@ -77,7 +82,13 @@ def schedule_at(schedule: NoiseSchedule, t: torch.Tensor) -> ScheduleAt:
     """:class:`ScheduleAt` for the (B,) times ``t``, computed in t's dtype (off-grid use: torchsde's
     intermediate times, single transitions)."""
     s2 = schedule.sigma2(t).to(t.dtype)
-    return ScheduleAt(t, schedule.alpha(t).to(t.dtype), torch.sqrt(s2), s2, schedule.beta(t).to(t.dtype))
+    return _with_derived(t, schedule.alpha(t).to(t.dtype), torch.sqrt(s2), s2, schedule.beta(t).to(t.dtype))
+
+
+def _with_derived(t, alpha, sigma, sigma2, beta) -> ScheduleAt:
+    """The :class:`ScheduleAt` with its derived coefficients 1/alpha, sigma/alpha, alpha^2 (elementwise)."""
+    ia = alpha.reciprocal()
+    return ScheduleAt(t, alpha, sigma, sigma2, beta, ia, sigma * ia, alpha * alpha)
 
 
 def grid_points(schedule: NoiseSchedule, ts: torch.Tensor, batch: int, dtype: torch.dtype,
@@ -91,7 +102,7 @@ def grid_points(schedule: NoiseSchedule, ts: torch.Tensor, batch: int, dtype: to
 def _grid(schedule, ts, batch, dtype, device):
     t = ts.to(dtype=dtype, device=device)
     at = schedule_at(schedule, t)
-    cols = [c.unbind(0) for c in (at.alpha, at.sigma, at.sigma2, at.beta)]
+    cols = [c.unbind(0) for c in at[1:]]
     return at, [ScheduleAt(t[i].expand(batch), *(c[i] for c in cols)) for i in range(t.numel())]
 
 

@@ -83,3 +83,21 @@ def test_conversions_are_inverse(alpha, seed):
     assert torch.allclose(x0_to_eps(x, eps_to_x0(x, eps, a, s), a, s), eps)
     # Tweedie through the score: x0_hat = (x + sigma^2 score) / alpha
     assert torch.allclose(eps_to_x0(x, eps, a, s), (x + sigma**2 * eps_to_score(eps, s)) / alpha)
+
+
+@SET
+@given(_schedules(), st.lists(st.floats(0.01, 0.95), min_size=1, max_size=5), st.integers(0, 10_000))
+def test_schedule_at_carries_tweedies_coefficients(schedule, us, seed):
+    """``schedule_at``'s derived coefficients are what their names say (docs/theory.md §2): x / alpha -
+    (sigma / alpha) eps is Tweedie's x0_hat (``eps_to_x0``), alpha2 = alpha^2, inv_alpha alpha = 1; float64,
+    so 1e-12 relative is round-off of a few operations."""
+    from theory.solvers import schedule_at
+
+    t = torch.tensor(us, dtype=torch.float64) * schedule.T
+    at = schedule_at(schedule, t)
+    gen = torch.Generator().manual_seed(seed)
+    x, eps = (torch.randn(len(us), 3, dtype=torch.float64, generator=gen) for _ in range(2))
+    x0 = at.inv_alpha[:, None] * x - at.sigma_over_alpha[:, None] * eps
+    assert torch.allclose(x0, eps_to_x0(x, eps, at.alpha, at.sigma), rtol=1e-12, atol=1e-12 * float(x0.abs().max()))
+    assert torch.allclose(at.alpha2, at.alpha**2, rtol=1e-14, atol=0)
+    assert torch.allclose(at.inv_alpha * at.alpha, torch.ones_like(t), rtol=1e-14, atol=0)

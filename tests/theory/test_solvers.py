@@ -231,6 +231,11 @@ def test_grid_points_equal_the_schedule_at_each_time():
         assert torch.equal(pts[i].t, t)
         for name, want in (("alpha", sch.alpha(t)), ("sigma2", sch.sigma2(t)), ("sigma", sch.sigma(t)), ("beta", sch.beta(t))):
             assert torch.equal(getattr(pts[i], name).expand(3), want.to(torch.float32)), name
+        # the derived coefficients (Tweedie's 1/alpha and sigma/alpha, alpha^2), from the float32 values above
+        # by the same elementwise operations a field would do per step
+        a, sig = pts[i].alpha, pts[i].sigma
+        for name, want in (("inv_alpha", 1 / a), ("sigma_over_alpha", sig * (1 / a)), ("alpha2", a * a)):
+            assert torch.equal(getattr(pts[i], name), want), name
 
 
 @pytest.mark.parametrize("method,eta", SOLVER_CASES)
