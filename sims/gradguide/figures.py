@@ -178,22 +178,82 @@ def fig_convergence(quick: bool = False) -> dict:
     return data
 
 
+#: where a point's label may go, in points from the point: (dx, dy, ha, va), nearest directions first
+_AROUND = {"upper left": (-5, 4, "right", "bottom"), "lower right": (5, -4, "left", "top"),
+           "upper right": (5, 4, "left", "bottom"), "lower left": (-5, -4, "right", "top"),
+           "left": (-7, 0, "right", "center"), "right": (7, 0, "left", "center"),
+           "above": (0, 7, "center", "bottom"), "below": (0, -7, "center", "top")}
+
+
+def _label_points(ax, points, first: dict, marker_pt: float = 4.0):
+    """Label each point (x, y, text, color, series) beside it where the label covers no other label, no marker
+    and no line of the axes, trying the series' ``first`` side, then the other sides of ``_AROUND``; where
+    every side is covered, the side covering least. Greedy, in the order given, on the drawn figure (call it
+    after the layout is final). Written here because matplotlib places no annotations by itself and the only
+    library that does (adjustText) moves labels iteratively, which this one figure does not need."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px = fig.dpi / 72.0
+    to_px = ax.transData.transform
+    # every marker of the axes, and every line as dense samples, in pixels (a label on a segment between
+    # markers hides it too)
+    marks, curves = [np.empty((0, 2))], []
+    for line in ax.get_lines():
+        xy = to_px(np.column_stack(line.get_data()).astype(float))
+        if line.get_marker() not in (None, "None", "", " "):
+            marks.append(xy)
+        for a, b in zip(xy[:-1], xy[1:]):
+            curves.append(a + np.linspace(0, 1, 25)[:, None] * (b - a))
+    curve_px = np.concatenate(curves) if curves else np.empty((0, 2))
+    marks = np.concatenate(marks)
+    frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    blocked = [legend.get_window_extent(renderer)] if legend is not None else []
+
+    def cost(box):
+        pad = 1.0
+        x0, y0, x1, y1 = box.x0 - pad, box.y0 - pad, box.x1 + pad, box.y1 + pad
+        r = marker_pt * px
+        hits = sum(b.overlaps(box) for b in blocked)
+        hits += int(np.sum((marks[:, 0] > x0 - r) & (marks[:, 0] < x1 + r) & (marks[:, 1] > y0 - r) & (marks[:, 1] < y1 + r)))
+        hits += int(np.any((curve_px[:, 0] > x0) & (curve_px[:, 0] < x1) & (curve_px[:, 1] > y0) & (curve_px[:, 1] < y1)))
+        inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        return hits + (0 if inside else 10)
+
+    for x, y, text, color, series in points:
+        sides = [first[series]] + [k for k in _AROUND if k != first[series]]
+        best = None
+        for side in sides:
+            dx, dy, ha, va = _AROUND[side]
+            ann = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=7,
+                              color=color)
+            c = cost(ann.get_window_extent(renderer))
+            if best is None or c < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (c, ann)
+            else:
+                ann.remove()
+            if c == 0:
+                break
+        blocked.append(best[1].get_window_extent(renderer))
+
+
 def draw_sphere(data: dict):
     """gg_sphere from its JSON: final reward against the off-support measure per delta (each point labelled
-    with its delta, beside it), and the reward per round at the middle delta."""
+    with its delta, beside it where the label covers no other label, marker or line), and the reward per round
+    at the middle delta."""
     from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.3))
     deltas = data["deltas"]
-    offsets = {"G": ((-6, 5), "right"), "G_loss": ((6, -11), "left")}  # labels of the two series on opposite sides
+    points = []
     for kind, marker in (("G", "o"), ("G_loss", "s")):
         rew, dev = data["final"][kind]["reward"], data["final"][kind]["dev_abs"]
         axes[0].plot(dev, rew, marker=marker, color=COLORS[kind], label=kind)
-        (dx, dy), ha = offsets[kind]
-        for d, x, y in zip(deltas, dev, rew):
-            axes[0].annotate(f"{d:g}", (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, fontsize=7,
-                             color=COLORS[kind])
+        points += [(x, y, f"{d:g}", COLORS[kind], kind) for d, x, y in zip(deltas, dev, rew)]
         mid = deltas[len(deltas) // 2]
         axes[1].plot(data["curves"][f"{kind}@{mid}"]["reward"], color=COLORS[kind], label=f"{kind}, delta {mid:g}")
     pre = data["pretrained"]
@@ -216,6 +276,8 @@ def draw_sphere(data: dict):
     c = data["config"]
     fig.suptitle(f"unit sphere, D = {c['D']}, B = {c['n']}, K = {c['rounds']}" + (" [quick]" if data["quick"] else ""))
     fig.tight_layout()
+    # the labels last, on the final layout; the two series on opposite sides first
+    _label_points(axes[0], points, {"G": "upper left", "G_loss": "lower right"})
     return fig
 
 

@@ -37,3 +37,34 @@ def test_gradguide_figure_draws_from_its_json(name, monkeypatch):
     fig = spec.draw(data)
     assert data["quick"] is True and len(fig.axes) >= 1
     plt.close(fig)
+
+
+def test_sphere_labels_cover_no_label_and_no_marker():
+    """gg_sphere's delta labels, on crowded points (two series nearly on top of each other at small delta, as
+    in the committed runs): no two labels overlap and no label covers a marker or a line (the checks the placer
+    makes, redone here from the drawn texts; labels at fixed offsets fail the line check on these points)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    deltas = [0.02, 0.12, 0.22, 0.32, 0.42]
+    final = {"G": {"dev_abs": [0.085, 0.068, 0.062, 0.14, 0.26], "reward": [0.03, 0.23, 0.43, 0.64, 0.85]},
+             "G_loss": {"dev_abs": [0.084, 0.065, 0.072, 0.18, 0.35], "reward": [0.025, 0.235, 0.44, 0.65, 0.87]}}
+    curves = {f"{k}@0.22": {"reward": [0.0, 0.3, 0.5]} for k in final}
+    data = {"deltas": deltas, "final": final, "curves": curves, "pretrained": {"dev_abs": 0.075, "reward": -0.02},
+            "config": {"D": 64, "n": 256, "rounds": 2}, "quick": False}
+    fig = F.draw_sphere(data)
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in ax.texts]
+    assert len(boxes) == 2 * len(deltas)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    marks = np.concatenate([ax.transData.transform(np.column_stack(ln.get_data())) for ln in ax.get_lines()])
+    segs = []
+    for ln in ax.get_lines():
+        xy = ax.transData.transform(np.column_stack(ln.get_data()))
+        segs += [a + np.linspace(0, 1, 50)[:, None] * (b - a) for a, b in zip(xy[:-1], xy[1:])]
+    on_lines = np.concatenate(segs)
+    for b in boxes:
+        for pts in (marks, on_lines):
+            assert not np.any((pts[:, 0] > b.x0) & (pts[:, 0] < b.x1) & (pts[:, 1] > b.y0) & (pts[:, 1] < b.y1))
+    plt.close(fig)
