@@ -18,9 +18,9 @@ Compute the paper figures into OUT: each figure is a PNG plus a JSON of the numb
 its verdicts on the papers' claims, its wall time and its code version.
 
 Settings: by default the reduced ("default") settings, chosen to run in minutes; --full runs the papers'
-settings (under an hour on 2 cores: 47 min measured). Each figure's JSON says which it holds ("settings":
-"default" / "full") and its verdicts; README's verdict table compares the default run's verdicts with the
-full run's.
+settings (under an hour on 2 cores: 47 and 58 min measured, the machine's speed differing). Each
+figure's JSON says which it holds ("settings": "default" / "full") and its verdicts; README's verdict
+table compares the default run's verdicts with the full run's.
 
 Output folder: run from the diffsteer repository checkout, OUT defaults to paper_figs/default/ of that
 checkout for the default settings, and to the committed paper_figs/ itself with --full (which it then
