@@ -18,7 +18,7 @@ Compute the paper figures into OUT: each figure is a PNG plus a JSON of the numb
 its verdicts on the papers' claims, its wall time and its code version.
 
 Settings: by default the reduced ("default") settings, chosen to run in minutes; --full runs the papers'
-settings (under an hour on 2 cores: 47 and 58 min measured, the machine's speed differing). Each
+settings (47, 58 and 69 min measured on 2 cores, the machine's speed differing). Each
 figure's JSON says which it holds ("settings": "default" / "full") and its verdicts; README's verdict
 table compares the default run's verdicts with the full run's.
 
