@@ -71,8 +71,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("figures", help="compute every registered figure (PNG + JSON of the numbers)",
                        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
-                   help="the papers' full settings (under an hour on 2 cores; default: the reduced default "
-                        "settings, minutes)")
+                   help="the papers' full settings (47-69 min measured on 2 cores, the machine's speed differing; "
+                        "default: the reduced default settings, about 9 min)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these figures (see --list)")
     p.add_argument("--out", default=None,
