@@ -156,6 +156,35 @@ def test_check_fails_when_readme_or_results_page_is_stale(tmp_path):
     assert mr.main(args + ["--check"]) == 1  # results page stale
 
 
+def test_compare_runs_matches_each_json_with_the_committed_one_at_its_settings(tmp_path, capsys):
+    """``make_results --compare RUN_DIR`` pairs a full-settings JSON with ``paper_figs/<name>.json`` and a
+    default one with ``paper_figs/default/<name>.json``, lists each verdict whose leading word differs (and
+    claims with no committed counterpart), counts the rest as the same, and exits 1 only when a word differs."""
+    import json
+
+    mr = _make_results()
+    figs, run = tmp_path / "figs", tmp_path / "run"
+    (figs / "default").mkdir(parents=True)
+    run.mkdir()
+    (figs / "claims_x.json").write_text(json.dumps(_verdict_doc("claims_x", ["holds", "does not hold"])))
+    (figs / "default" / "claims_x.json").write_text(json.dumps(
+        _verdict_doc("claims_x", ["not resolved", "does not hold"], settings="default")))
+    # a default-settings run: compared with the committed default run, not with the full one
+    (run / "claims_x.json").write_text(json.dumps(
+        _verdict_doc("claims_x", ["not resolved", "holds", "holds"], settings="default")))
+    lines, counts = mr.compare_runs(run, figs)
+    assert counts == {"same": 1, "differs": 1, "no committed": 1}
+    assert lines[0] == "claims_x (default): claim 1: this run 'holds', committed 'does not hold'"
+    assert lines[1].startswith("claims_x (default): no committed verdict for: Paper (A et al.): claim 2")
+    assert mr.main(["--figs", str(figs), "--compare", str(run)]) == 1
+    assert "1 of 2 verdicts state the committed run's word" in capsys.readouterr().out
+    (run / "claims_x.json").write_text(json.dumps(_verdict_doc("claims_x", ["holds", "does not hold"])))  # full
+    assert mr.compare_runs(run, figs)[1] == {"same": 2, "differs": 0, "no committed": 0}
+    assert mr.main(["--figs", str(figs), "--compare", str(run)]) == 0
+    with pytest.raises(FileNotFoundError, match="run_dir"):
+        mr.compare_runs(tmp_path / "empty", figs)
+
+
 @pytest.mark.parametrize("page", _md_pages(), ids=lambda p: p.name)
 def test_links_between_pages_resolve(page):
     """Every relative link of README and docs/*.md points at an existing file, and every #anchor at a heading."""

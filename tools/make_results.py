@@ -5,6 +5,8 @@ Usage (from the repository root, standard library only):
     python tools/make_results.py            # (re)write docs/results.md and README's verdict table
     python -m tools.make_results --check    # exit 1 if either differs from what the JSONs give
     python tools/make_results.py --summary  # print README's agree / not resolved / disagree counts
+    python tools/make_results.py --compare RUN_DIR  # a figures run of yours (--out RUN_DIR) against the
+                                                    # committed verdicts at the same settings; exit 1 if any differ
 
 Every figure's JSON (written by ``diffsteer figures``) holds ``figure``, ``description``, ``quick``,
 ``wall_time_s`` and ``data``; newer ones may also hold ``settings``/``config``, ``verdicts`` and
@@ -793,6 +795,51 @@ def agreement_summary(fig_dir: Path = FIG_DIR) -> str:
             "disagree" + (f" ({c['no verdict']} without a default verdict)" if c["no verdict"] else ""))
 
 
+def _run_settings(doc: dict) -> str:
+    """"full" or "default": the settings a figure JSON records (``settings``; older JSONs: ``quick``)."""
+    s = doc.get("settings")
+    if s in ("full", "default"):
+        return s
+    return "default" if doc.get("quick") else "full"
+
+
+def compare_runs(run_dir: Path, fig_dir: Path = FIG_DIR) -> tuple[list[str], dict]:
+    """Verdict by verdict, a run of ``diffsteer figures`` in ``run_dir`` (say, on another machine) against the
+    committed run at the same settings: ``<fig_dir>/<name>.json`` for a full-settings JSON,
+    ``<fig_dir>/default/<name>.json`` for a default one. Returns (one line per verdict whose leading word
+    differs, or whose figure or claim has no committed counterpart; counts {"same", "differs", "no committed"}).
+    The same code on another CPU rounds differently (vectorised kernels, BLAS code paths), trained networks
+    drift apart, and a verdict near its threshold can change word: this says which."""
+    run_dir = Path(run_dir)
+    docs = _load(run_dir)
+    if not docs:
+        raise FileNotFoundError(f"run_dir: no figure JSON in {run_dir}; pass the --out folder of a diffsteer "
+                                "figures run")
+    lines, counts = [], {"same": 0, "differs": 0, "no committed": 0}
+    for doc in docs:
+        name, mode = doc["figure"], _run_settings(doc)
+        ref_path = Path(fig_dir) / (DEFAULT_DIR if mode == "default" else "") / f"{name}.json"
+        try:
+            ref = json.loads(ref_path.read_text())
+        except (OSError, ValueError):
+            ref = None
+        ref_verdicts = {x["claim"]: x for x in _verdict_list(ref)} if ref is not None else {}
+        for v in _verdict_list(doc):
+            other = ref_verdicts.get(v["claim"])
+            if other is None:
+                counts["no committed"] += 1
+                lines.append(f"{name} ({mode}): no committed verdict for: {_short(v['claim'], 90)}")
+                continue
+            a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
+            if a == b:
+                counts["same"] += 1
+                continue
+            counts["differs"] += 1
+            lines.append(f"{name} ({mode}): {_short(_split_claim(v['claim'])[1], 90)}: this run {a!r}, "
+                         f"committed {b!r}")
+    return lines, counts
+
+
 def render_verdict_table(fig_dir: Path = FIG_DIR) -> str:
     """README's verdict table: one row per verdict of every figure in ``fig_dir``, in page order."""
     rows = []
@@ -874,11 +921,20 @@ def main(argv=None) -> int:
     ap.add_argument("--figs", default=str(FIG_DIR), help="figures folder (default paper_figs/)")
     ap.add_argument("--summary", action="store_true", help="do not write; print how many of the default run's "
                     "verdicts agree with the full run's, are not resolved at the default budget, or disagree")
+    ap.add_argument("--compare", metavar="RUN_DIR", default=None,
+                    help="do not write; compare the verdicts of a figures run in RUN_DIR (e.g. `diffsteer figures --out "
+                         "RUN_DIR` on your machine) with the committed ones at the same settings; exit 1 if a word differs")
     args = ap.parse_args(argv)
     fig_dir, out, readme = Path(args.figs), Path(args.out), Path(args.readme)
     if args.summary:
         print(agreement_summary(fig_dir))
         return 0
+    if args.compare:
+        lines, c = compare_runs(Path(args.compare), fig_dir)
+        print("\n".join(lines + [f"{c['same']} of {c['same'] + c['differs']} verdicts state the committed run's word "
+                                  f"at the same settings, {c['differs']} differ"
+                                  + (f"; {c['no committed']} have no committed counterpart" if c["no committed"] else "")]))
+        return 1 if c["differs"] else 0
     text = render(fig_dir)
     if not readme.exists():
         raise FileNotFoundError(f"readme: {readme} does not exist; pass --readme PATH")
