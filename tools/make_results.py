@@ -746,17 +746,24 @@ def _short(text: str, n: int) -> str:
     return text if len(text) <= n else text[: n - 3].rstrip() + "..."
 
 
+def _verdicts_by_claim(path: Path) -> Optional[dict]:
+    """{claim: verdict dict} of the figure JSON at ``path``, or None when there is no readable JSON there."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return {x["claim"]: x for x in _verdict_list(doc)}
+
+
 def _agreement(name: str, v: dict, fig_dir: Path) -> tuple[str, str, str]:
     """(kind, the full run's word, the default run's word) for verdict ``v`` of figure ``name``: kind is
     "agrees", "not resolved" (the default run resolves neither the claim nor its opposite where the full
     run resolves it), "disagrees", "no verdict" (the default JSON lacks the claim) or "not run" (no
     default JSON); the words are "" where there is no default verdict."""
-    p = Path(fig_dir) / DEFAULT_DIR / f"{name}.json"
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError):
+    by_claim = _verdicts_by_claim(Path(fig_dir) / DEFAULT_DIR / f"{name}.json")
+    if by_claim is None:
         return "not run", "", ""
-    other = next((x for x in _verdict_list(doc) if x["claim"] == v["claim"]), None)
+    other = by_claim.get(v["claim"])
     if other is None:
         return "no verdict", "", ""
     a, b = verdict_word(v["verdict"]), verdict_word(other["verdict"])
@@ -818,12 +825,7 @@ def compare_runs(run_dir: Path, fig_dir: Path = FIG_DIR) -> tuple[list[str], dic
     lines, counts = [], {"same": 0, "differs": 0, "no committed": 0}
     for doc in docs:
         name, mode = doc["figure"], _run_settings(doc)
-        ref_path = Path(fig_dir) / (DEFAULT_DIR if mode == "default" else "") / f"{name}.json"
-        try:
-            ref = json.loads(ref_path.read_text())
-        except (OSError, ValueError):
-            ref = None
-        ref_verdicts = {x["claim"]: x for x in _verdict_list(ref)} if ref is not None else {}
+        ref_verdicts = _verdicts_by_claim(Path(fig_dir) / (DEFAULT_DIR if mode == "default" else "") / f"{name}.json") or {}
         for v in _verdict_list(doc):
             other = ref_verdicts.get(v["claim"])
             if other is None:
