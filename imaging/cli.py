@@ -318,7 +318,7 @@ def run_digits_pipeline_cmd(args) -> int:
     from .digits_pipeline import INFO_FILE, DigitsPipelineConfig, ensure_digits_pipeline
 
     cfg = replace(DigitsPipelineConfig(), **{k: v for k, v in over.items() if v is not None})
-    path = ensure_digits_pipeline(cfg, progress=not args.no_progress, out=args.out)
+    path = ensure_digits_pipeline(cfg, progress=not args.no_progress, out=args.out, evaluate=True)
     info = json.loads((path / INFO_FILE).read_text())
     acc = ", ".join(f"CFG {w}: {r['accuracy']:.3f}" for w, r in info["judged_accuracy"].items())
     print(f"digits pipeline at {path}\n  {info['unet_steps']} UNet steps, {info['vae_steps']} VAE steps, "
