@@ -9,14 +9,28 @@ one per worker). ``DIFFSTEER_TEST_THREADS=N`` overrides.
 Cache: the tests never write into the user's cache. ``DIFFSTEER_CACHE`` points at a temporary folder
 made for this test session (one per xdist worker) and removed at its end, so models trained by tests
 (seconds each) are trained afresh in every session. ``DIFFSTEER_TEST_CACHE=DIR`` reuses DIR instead
-(kept; for repeated local runs)."""
+(kept; for repeated local runs).
+
+A test that runs a command in-process (``diffsteer.cli.main``) lets that command set torch's threads (the
+image commands default to every usable core); ``_restore_threads`` sets them back after every test, so one
+such test does not leave its worker oversubscribing the machine for the rest of the session."""
 import os
 import shutil
 import tempfile
 
+import pytest
+import torch
+
 from diffsteer.runtime import configure_threads
 
-configure_threads(int(os.environ.get("DIFFSTEER_TEST_THREADS", "1")))
+_THREADS = configure_threads(int(os.environ.get("DIFFSTEER_TEST_THREADS", "1")))
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    yield
+    if torch.get_num_threads() != _THREADS:
+        torch.set_num_threads(_THREADS)
 
 _OWN_CACHE = None
 if os.environ.get("DIFFSTEER_TEST_CACHE"):
