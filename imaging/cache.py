@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from theory.cache import cache_dir
+from theory.io import dir_mode
 
 __all__ = ["atomic_build", "cache_root"]
 
@@ -22,7 +23,8 @@ def cache_root() -> Path:
 def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
                  timeout: float = -1) -> Path:
     """Make ``target`` exist by calling ``build(tmp)`` on a fresh temporary folder next to it and renaming
-    the folder into place, so a reader never sees a half-written ``target``. A lock file
+    the folder into place, so a reader never sees a half-written ``target``; it gets the mode of a new folder
+    (``0o777 & ~umask``). A lock file
     (``<target>.lock``, ``filelock``: works across processes) serialises concurrent callers: the first
     builds, the others wait and then reuse its result. A ``target`` that exists but is not complete
     (e.g. a copy interrupted by hand) is rebuilt. ``timeout`` (s) for the lock; -1 waits forever."""
@@ -42,6 +44,7 @@ def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Calla
             build(tmp)
             if not is_complete(tmp):
                 raise RuntimeError(f"build of '{target}' finished without a complete result in '{tmp}'")
+            os.chmod(tmp, dir_mode())  # the mode of a new folder, not mkdtemp's private 0o700
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)

@@ -177,6 +177,22 @@ def test_atomic_build_interrupted_leaves_nothing(tmp_path):
     assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["thing.lock"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_build_folder_has_a_new_folders_mode(tmp_path, umask):
+    """The built folder is made by mkdtemp (0o700) and renamed into place; it must end with the mode
+    ``os.mkdir`` would give under the umask, so a shared cache is readable where the umask says so."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        out = atomic_build(tmp_path / "thing", lambda tmp: (tmp / "done").write_text("x"),
+                           lambda p: (p / "done").is_file())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o777 & ~umask
+
+
 def test_out_must_be_empty_or_same_pipeline(tmp_path, tiny_built):
     from diffsteer.cli import main
 
