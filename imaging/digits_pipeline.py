@@ -542,21 +542,18 @@ def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress:
     measure it (``evaluate_digits_pipeline``) unless its info file already holds the numbers."""
     cfg = config or DigitsPipelineConfig()
     target = Path(out).expanduser() if out is not None else default_pipeline_dir(cfg)
-    if is_digits_pipeline(target, cfg):
-        if evaluate and not is_evaluated(target):
-            evaluate_digits_pipeline(target, cfg)
-        return target
-    if out is not None and target.exists():
-        if not target.is_dir():
-            raise ValueError(f"out: '{target}' is a file; pass a folder for the pipeline")
-        if is_digits_pipeline(target):
-            raise ValueError(f"out: '{target}' holds a digits pipeline of another config; pass a new folder")
-        if any(target.iterdir()):
-            raise ValueError(f"out: '{target}' is not empty; pass a new or empty folder for the pipeline")
-    if progress:
-        print(f"building the digits pipeline into {target} (once; cached)", flush=True)
-    target = atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress),
-                          lambda p: is_digits_pipeline(p, cfg))
+    if not is_digits_pipeline(target, cfg):
+        if out is not None and target.exists():
+            if not target.is_dir():
+                raise ValueError(f"out: '{target}' is a file; pass a folder for the pipeline")
+            if is_digits_pipeline(target):
+                raise ValueError(f"out: '{target}' holds a digits pipeline of another config; pass a new folder")
+            if any(target.iterdir()):
+                raise ValueError(f"out: '{target}' is not empty; pass a new or empty folder for the pipeline")
+        if progress:
+            print(f"building the digits pipeline into {target} (once; cached)", flush=True)
+        target = atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress),
+                              lambda p: is_digits_pipeline(p, cfg))
     if evaluate and not is_evaluated(target):
         evaluate_digits_pipeline(target, cfg)
     return target

@@ -30,7 +30,7 @@ _THREADS = configure_threads(int(os.environ.get("DIFFSTEER_TEST_THREADS", "1")))
 def _restore_threads():
     yield
     if torch.get_num_threads() != _THREADS:
-        torch.set_num_threads(_THREADS)
+        configure_threads(_THREADS)
 
 _OWN_CACHE = None
 if os.environ.get("DIFFSTEER_TEST_CACHE"):

@@ -163,16 +163,13 @@ def test_cli_requires_out_outside_the_repository(tmp_path, monkeypatch, capsys):
 
 
 def test_cli_threads_option_and_default(monkeypatch):
-    before = torch.get_num_threads()
-    try:
-        assert main(["figures", "--list", "--threads", "2"]) == 0
-        assert torch.get_num_threads() == 2
-        assert main(["figures", "--list"]) == 0
-        assert torch.get_num_threads() == 1  # the small networks' default: one thread per process
-        with pytest.raises(ValueError, match="threads"):
-            configure_threads(0)
-    finally:
-        torch.set_num_threads(before)
+    # the session's thread count is restored after the test by conftest's _restore_threads
+    assert main(["figures", "--list", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2
+    assert main(["figures", "--list"]) == 0
+    assert torch.get_num_threads() == 1  # the small networks' default: one thread per process
+    with pytest.raises(ValueError, match="threads"):
+        configure_threads(0)
 
 
 def test_missing_extra_and_missing_module_messages():
