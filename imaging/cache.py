@@ -10,9 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from theory.cache import cache_dir
-from theory.io import dir_mode
 
-__all__ = ["atomic_build", "cache_root"]
+__all__ = ["atomic_build", "cache_root", "dir_mode"]
+
+
+def dir_mode() -> int:
+    """0o777 & ~umask: the mode ``os.mkdir`` gives a new folder (``tempfile.mkdtemp`` leaves ``0o700``).
+    Kept here beside its one user rather than beside ``theory.io.file_mode``: theory.io is imported by
+    every figure, and its source is part of each figure's code version (``theory.registry.code_hash``),
+    so a change there marks every committed figure stale."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
 
 
 def cache_root() -> Path:

@@ -18,27 +18,17 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_tensors", "to_strict_json", "file_mode",
-           "dir_mode", "check_writable"]
+           "check_writable"]
 
 PathLike = Union[str, Path]
 
 
-def _umask() -> int:
-    """The process's umask (read without changing it for longer than the call)."""
+def file_mode() -> int:
+    """0o666 & ~umask: the mode ``open(path, 'w')`` gives a new file (reads the umask without changing it
+    for longer than the call)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
-
-
-def file_mode() -> int:
-    """0o666 & ~umask: the mode ``open(path, 'w')`` gives a new file."""
-    return 0o666 & ~_umask()
-
-
-def dir_mode() -> int:
-    """0o777 & ~umask: the mode ``os.mkdir`` gives a new folder (``tempfile.mkdtemp`` would leave
-    ``0o700``)."""
-    return 0o777 & ~_umask()
+    return 0o666 & ~mask
 
 
 def _atomic(path: PathLike, write) -> None:
