@@ -1,7 +1,7 @@
 """Time a sampling pass guided by G_loss (and by G) against an unguided pass, next to the network's own
 costs, in one run.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32] [--steps 200] [--no-unet] [--compile]
+    OMP_NUM_THREADS=1 python benchmarks/bench_guidance.py [--quick] [--batch 32 160] [--steps 200] [--no-unet] [--compile]
 
 Same model, batch, grid (the T = 200 discrete cosine schedule, DDPM steps) and noise for every pass; the
 passes and the network timings are interleaved round-robin; times are medians of ``repeats``, ratios the
@@ -14,6 +14,14 @@ of the unguided pass spent outside the network, "noise" the part of it that draw
 (one generator draw per step, the sampler's randomness itself); the rest is the solver's arithmetic. "bare"
 is the non-network share of the least an eager pass can do (``_bare_pass``: the noise draw, the network and
 the step's three elementwise operations, written out by hand): the floor "non-net" is compared with.
+"non-net" takes the network's time from calls in a loop of their own; "in pass" takes it from the same
+calls timed inside one more unguided pass (``_timed``), where the sampler's other work shares the caches
+with the network and slows it (by about a tenth at B >= 160 on the development machine): the network's
+share of the pass is then higher and the non-network remainder lower.
+
+Batches (``--batch``, several allowed): 32, and 160, the batch the gradient-guidance figures sample the
+EpsMLP at (Algorithm 1 runs its 32 chains for each of 5 seeds as one batch, ``sims.gradguide.config``).
+The per-step overhead of eager PyTorch is about constant in B, so the ratios depend on the batch.
 
 Models: the exact subspace score (D = 64, d = 16, float64; not a network, listed for reference), the
 EpsMLP of sims.gradguide (256 x 3, float32), and a U-Net-sized network: diffusers' UNet2DModel on
@@ -98,6 +106,20 @@ def _bare_pass(model, schedule, x, ts, gen):
     return time.process_time() - t0
 
 
+class _timed:
+    """``model`` with the process time of its calls summed in ``seconds`` (two clock reads per call; a plain
+    callable, not a module, so that the wrapper adds no module-call overhead to the pass)."""
+
+    def __init__(self, model):
+        self.model, self.seconds = model, 0.0
+
+    def __call__(self, x, t, cond=None):
+        t0 = time.process_time()
+        out = self.model(x, t, cond)
+        self.seconds += time.process_time() - t0
+        return out
+
+
 def bench(model, schedule, dim, batch, steps, repeats, dtype):
     gen = torch.Generator().manual_seed(0)
     xT = torch.randn(batch, dim, dtype=dtype, generator=gen)
@@ -106,7 +128,7 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
     ts = default_grid(schedule, steps)
     fields = {"unguided": None, "G": make_guidance("G", model, schedule, g, y),
               "G_loss": make_guidance("G_loss", model, schedule, g, y)}
-    times = {k: [] for k in list(fields) + ["fwd", "fwd+vjp", "noise", "bare"]}
+    times = {k: [] for k in list(fields) + ["fwd", "fwd+vjp", "noise", "bare", "in pass"]}
     for r in range(repeats + 1):  # the first round is a warm-up
         for name, field in fields.items():
             t0 = time.process_time()
@@ -115,8 +137,13 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
             if r:
                 times[name].append(time.process_time() - t0)
         costs = _network_costs(model, xT, ts, g) + (_bare_pass(model, schedule, xT, ts, torch.Generator().manual_seed(1)),)
+        timed = _timed(model)
+        t0 = time.process_time()
+        with torch.no_grad():
+            sample(timed, schedule, xT, ts, method="ddpm", generator=torch.Generator().manual_seed(1))
+        costs += (1 - timed.seconds / (time.process_time() - t0),)
         if r:
-            for k, v in zip(("fwd", "fwd+vjp", "noise", "bare"), costs):
+            for k, v in zip(("fwd", "fwd+vjp", "noise", "bare", "in pass"), costs):
                 times[k].append(v)
     out = {k: statistics.median(v) for k, v in times.items()}
     # ratios within each repeat (its passes and network timings ran back to back), then their median: a
@@ -129,13 +156,15 @@ def bench(model, schedule, dim, batch, steps, repeats, dtype):
     out["non-net"] = statistics.median(1 - a / b for a, b in zip(times["fwd"], times["unguided"]))
     out["noise share"] = statistics.median(a / b for a, b in zip(times["noise"], times["unguided"]))
     out["bare non-net"] = statistics.median(1 - a / b for a, b in zip(times["fwd"], times["bare"]))
+    out["non-net in pass"] = statistics.median(times["in pass"])
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="50 steps (U-Net 10), 3 repeats")
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, nargs="+", default=[32, 160],
+                   help="batches of the exact score and the EpsMLP (default 32 and 160, the figures' batch)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default 200, quick 50)")
     p.add_argument("--unet-batch", type=int, default=8)
     p.add_argument("--unet-steps", type=int, default=None, help="U-Net sampler steps (default 20, quick 10)")
@@ -150,28 +179,30 @@ def main(argv=None):
     sch = DiscreteVP.cosine(200)
     A = random_orthonormal(64, 16, torch.Generator().manual_seed(0))
     torch.manual_seed(0)
-    models = {"exact subspace score (float64)": (subspace_gaussian(A, sch), torch.float64, 64, a.batch, steps),
-              "EpsMLP 256x3 (float32)": (EpsMLP(64, hidden=256, depth=3, T=200.0), torch.float32, 64, a.batch, steps)}
+    mlp = EpsMLP(64, hidden=256, depth=3, T=200.0)
+    models = [("exact subspace score (float64)", subspace_gaussian(A, sch), torch.float64, 64),
+              ("EpsMLP 256x3 (float32)", mlp, torch.float32, 64)]
     if a.compile:  # the same weights, compiled; the first (warm-up) round of bench() pays the compilation
-        mlp = models["EpsMLP 256x3 (float32)"][0]
-        models["EpsMLP 256x3 torch.compile"] = (torch.compile(mlp, dynamic=False), torch.float32, 64, a.batch, steps)
+        models.append(("EpsMLP 256x3 torch.compile", torch.compile(mlp, dynamic=False), torch.float32, 64))
+    runs = [(name, m, dt, dim, b, steps) for b in a.batch for name, m, dt, dim in models]
     if not a.no_unet:
         unet = FlatUNet()
         n_par = sum(q.numel() for q in unet.parameters()) / 1e6
-        models[f"UNet2DModel {n_par:.1f}M (float32)"] = (unet, torch.float32, unet.dim, a.unet_batch, unet_steps)
+        runs.append((f"UNet2DModel {n_par:.1f}M (float32)", unet, torch.float32, unet.dim, a.unet_batch, unet_steps))
     print(f"one DDPM sampling pass per column, median of {repeats}, torch threads = {torch.get_num_threads()}")
     print(f"{'model':32s} {'B':>3s} {'steps':>5s} {'unguided s':>10s} {'G s':>8s} {'G_loss s':>9s} "
-          f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'noise':>6s} {'bare':>6s}")
+          f"{'G_loss/ung':>10s} {'fwd+VJP/fwd':>11s} {'gap':>6s} {'G/ung':>6s} {'non-net':>7s} {'in pass':>7s} "
+          f"{'noise':>6s} {'bare':>6s}")
     out = {}
-    for name, (m, dt, dim, batch, n) in models.items():
+    for name, m, dt, dim, batch, n in runs:
         w0 = time.perf_counter()
         t = bench(m, sch, dim, batch, n, repeats, dt)
         if "compile" in name:
-            print(f"  ({name}: {time.perf_counter() - w0:.0f} s wall in all, compilation included)")
-        out[name] = t
+            print(f"  ({name}, B = {batch}: {time.perf_counter() - w0:.0f} s wall in all, compilation included)")
+        out[name, batch] = t
         print(f"{name:32s} {batch:3d} {n:5d} {t['unguided']:10.4f} {t['G']:8.4f} {t['G_loss']:9.4f} "
               f"{t['G_loss/unguided']:10.2f} {t['floor']:11.2f} {t['gap']:+6.1%} {t['G/unguided']:6.2f} "
-              f"{t['non-net']:7.1%} {t['noise share']:6.1%} {t['bare non-net']:6.1%}")
+              f"{t['non-net']:7.1%} {t['non-net in pass']:7.1%} {t['noise share']:6.1%} {t['bare non-net']:6.1%}")
     return out
 
 
