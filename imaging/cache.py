@@ -11,7 +11,7 @@ from pathlib import Path
 
 from theory.cache import cache_dir
 
-__all__ = ["atomic_build", "cache_root", "dir_mode"]
+__all__ = ["atomic_build", "build_lock", "cache_root", "dir_mode"]
 
 
 def dir_mode() -> int:
@@ -29,6 +29,17 @@ def cache_root() -> Path:
     return cache_dir()
 
 
+def build_lock(target: Path, timeout: float = -1):
+    """The lock file ``<target>.lock`` (``filelock``: works across processes) that serialises building
+    ``target`` and any later in-place change of it (the digits pipeline's evaluation); a context manager.
+    ``timeout`` (s); -1 waits forever."""
+    from filelock import (
+        FileLock,  # a dependency of huggingface_hub, hence of diffusers/transformers
+    )
+
+    return FileLock(str(target) + ".lock", timeout=timeout)
+
+
 def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool],
                  timeout: float = -1) -> Path:
     """Make ``target`` exist by calling ``build(tmp)`` on a fresh temporary folder next to it and renaming
@@ -37,15 +48,11 @@ def atomic_build(target: Path, build: Callable[[Path], None], is_complete: Calla
     (``<target>.lock``, ``filelock``: works across processes) serialises concurrent callers: the first
     builds, the others wait and then reuse its result. A ``target`` that exists but is not complete
     (e.g. a copy interrupted by hand) is rebuilt. ``timeout`` (s) for the lock; -1 waits forever."""
-    from filelock import (
-        FileLock,  # a dependency of huggingface_hub, hence of diffusers/transformers
-    )
-
     target = Path(target)
     if is_complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock", timeout=timeout):
+    with build_lock(target, timeout):
         if is_complete(target):  # another process finished it while we waited
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from theory.registry import prerequisite
 
-from .cache import atomic_build, cache_root
+from .cache import atomic_build, build_lock, cache_root
 
 __all__ = [
     "PROMPTS",
@@ -539,7 +539,8 @@ def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress:
     temporary folder renamed into place under a lock file, so concurrent callers wait for one build and
     an interrupted build leaves nothing half-written. ``out``: a folder instead of the cache's; it must
     be absent, empty, or hold the pipeline of this same config (then it is reused). ``evaluate``: also
-    measure it (``evaluate_digits_pipeline``) unless its info file already holds the numbers."""
+    measure it (``evaluate_digits_pipeline``) unless its info file already holds the numbers, under the
+    same lock file, so that concurrent callers evaluate it once."""
     cfg = config or DigitsPipelineConfig()
     target = Path(out).expanduser() if out is not None else default_pipeline_dir(cfg)
     if not is_digits_pipeline(target, cfg):
@@ -555,7 +556,9 @@ def ensure_digits_pipeline(config: DigitsPipelineConfig | None = None, progress:
         target = atomic_build(target, lambda tmp: build_digits_pipeline(cfg, tmp, progress=progress),
                               lambda p: is_digits_pipeline(p, cfg))
     if evaluate and not is_evaluated(target):
-        evaluate_digits_pipeline(target, cfg)
+        with build_lock(target):  # concurrent callers: one evaluates, the others wait and find the numbers
+            if not is_evaluated(target):
+                evaluate_digits_pipeline(target, cfg)
     return target
 
 

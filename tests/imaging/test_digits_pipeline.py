@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,41 @@ def test_atomic_build_concurrent_callers_build_once(tmp_path):
         t.join()
     assert len(calls) == 1 and results == [target] * 3 and complete(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing", "thing.lock"]
+
+
+def test_concurrent_evaluation_runs_once(tiny_built, tmp_path, monkeypatch):
+    """Callers that ask for the evaluation of one unevaluated pipeline at the same time (two
+    ``diffsteer digits-pipeline`` commands) evaluate it once: the first evaluates under the build's lock
+    file, the others wait and then find its numbers. The evaluation is a stub here (the lock, not the
+    numbers, is under test) that takes long enough for the others to arrive while it runs."""
+    import shutil
+
+    _, path = tiny_built
+    copy = tmp_path / "p"
+    shutil.copytree(path, copy)
+    info = json.loads((copy / dp.INFO_FILE).read_text())
+    for k in dp.EVAL_KEYS:
+        info.pop(k, None)
+    (copy / dp.INFO_FILE).write_text(json.dumps(info))
+    calls = []
+
+    def evaluate(folder, config=None):
+        calls.append(folder)
+        time.sleep(0.3)
+        (Path(folder) / dp.INFO_FILE).write_text(json.dumps({**info, **{k: len(calls) for k in dp.EVAL_KEYS}}))
+
+    monkeypatch.setattr(dp, "evaluate_digits_pipeline", evaluate)
+    results = []
+
+    def run():
+        results.append(dp.ensure_digits_pipeline(dp.TINY_CONFIG, progress=False, out=copy, evaluate=True))
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and results == [copy] * 3 and dp.is_evaluated(copy)
 
 
 def test_atomic_build_interrupted_leaves_nothing(tmp_path):
