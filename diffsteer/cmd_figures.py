@@ -18,7 +18,7 @@ Compute the paper figures into OUT: each figure is a PNG plus a JSON of the numb
 its verdicts on the papers' claims, its wall time and its code version.
 
 Settings: by default the reduced ("default") settings, chosen to run in minutes; --full runs the papers'
-settings (47, 58 and 69 min measured on 2 cores, the machine's speed differing). Each
+settings (45, 47, 58, 59 and 69 min measured on 2 cores, the machine's speed differing). Each
 figure's JSON says which it holds ("settings": "default" / "full") and its verdicts; README's verdict
 table compares the default run's verdicts with the full run's.
 
@@ -71,7 +71,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("figures", help="compute every registered figure (PNG + JSON of the numbers)",
                        description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", action="store_true",
-                   help="the papers' full settings (47-69 min measured on 2 cores, the machine's speed differing; "
+                   help="the papers' full settings (45-69 min measured on 2 cores, the machine's speed differing; "
                         "default: the reduced default settings, about 9 min)")
     p.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)  # the old name of the default
     p.add_argument("--only", nargs="+", metavar="NAME", help="only these figures (see --list)")
