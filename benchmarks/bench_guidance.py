@@ -16,7 +16,7 @@ is the non-network share of the least an eager pass can do (``_bare_pass``: the 
 the step's three elementwise operations, written out by hand): the floor "non-net" is compared with.
 "non-net" takes the network's time from calls in a loop of their own; "in pass" takes it from the same
 calls timed inside one more unguided pass (``_timed``), where the sampler's other work shares the caches
-with the network and slows it (by about a tenth at B >= 160 on the development machine): the network's
+with the network and slows it (by 6-13 % at B = 160-512 on the development machine): the network's
 share of the pass is then higher and the non-network remainder lower.
 
 Batches (``--batch``, several allowed): 32, and 160, the batch the gradient-guidance figures sample the
