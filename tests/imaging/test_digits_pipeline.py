@@ -31,6 +31,31 @@ def tiny_built(tmp_path_factory):
     return cache, path
 
 
+def _unevaluated_copy(path, dest) -> dict:
+    """Copy the pipeline folder ``path`` to ``dest`` and strip any evaluation from the copy's info file
+    (whatever another test did to the shared folder, start from the bare build); returns that info."""
+    import shutil
+
+    shutil.copytree(path, dest)
+    info = json.loads((dest / dp.INFO_FILE).read_text())
+    for k in dp.EVAL_KEYS:
+        info.pop(k, None)
+    info["wall_s"].pop("eval", None)
+    (dest / dp.INFO_FILE).write_text(json.dumps(info))
+    return info
+
+
+def _concurrently(fn, n: int = 3) -> list:
+    """Call ``fn()`` from ``n`` threads started together; their results in the order they finished."""
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fn())) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 def test_tiny_build_loads_offline_and_samples(tiny_built, monkeypatch):
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
@@ -67,12 +92,7 @@ def test_evaluation_is_a_report_added_on_request(tiny_built, tmp_path):
 
     _, path = tiny_built
     copy, again = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(path, copy)
-    info = json.loads((copy / dp.INFO_FILE).read_text())  # whatever another test did to the shared folder,
-    for k in dp.EVAL_KEYS:  # start from the bare build
-        info.pop(k, None)
-    info["wall_s"].pop("eval", None)
-    (copy / dp.INFO_FILE).write_text(json.dumps(info))
+    _unevaluated_copy(path, copy)
     shutil.copytree(copy, again)
     before = json.loads((copy / dp.INFO_FILE).read_text())
     weights = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*.safetensors")}
@@ -156,12 +176,7 @@ def test_atomic_build_concurrent_callers_build_once(tmp_path):
     def complete(p):
         return (p / "done").is_file()
 
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(atomic_build(target, build, complete))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _concurrently(lambda: atomic_build(target, build, complete))
     assert len(calls) == 1 and results == [target] * 3 and complete(target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing", "thing.lock"]
 
@@ -171,15 +186,9 @@ def test_concurrent_evaluation_runs_once(tiny_built, tmp_path, monkeypatch):
     ``diffsteer digits-pipeline`` commands) evaluate it once: the first evaluates under the build's lock
     file, the others wait and then find its numbers. The evaluation is a stub here (the lock, not the
     numbers, is under test) that takes long enough for the others to arrive while it runs."""
-    import shutil
-
     _, path = tiny_built
     copy = tmp_path / "p"
-    shutil.copytree(path, copy)
-    info = json.loads((copy / dp.INFO_FILE).read_text())
-    for k in dp.EVAL_KEYS:
-        info.pop(k, None)
-    (copy / dp.INFO_FILE).write_text(json.dumps(info))
+    info = _unevaluated_copy(path, copy)
     calls = []
 
     def evaluate(folder, config=None):
@@ -188,16 +197,7 @@ def test_concurrent_evaluation_runs_once(tiny_built, tmp_path, monkeypatch):
         (Path(folder) / dp.INFO_FILE).write_text(json.dumps({**info, **{k: len(calls) for k in dp.EVAL_KEYS}}))
 
     monkeypatch.setattr(dp, "evaluate_digits_pipeline", evaluate)
-    results = []
-
-    def run():
-        results.append(dp.ensure_digits_pipeline(dp.TINY_CONFIG, progress=False, out=copy, evaluate=True))
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = _concurrently(lambda: dp.ensure_digits_pipeline(dp.TINY_CONFIG, progress=False, out=copy, evaluate=True))
     assert len(calls) == 1 and results == [copy] * 3 and dp.is_evaluated(copy)
 
 
